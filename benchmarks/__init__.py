@@ -1,0 +1,1 @@
+"""Benchmarks of optaxderived against optax, side by side (``python -m benchmarks``)."""

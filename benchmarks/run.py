@@ -1,0 +1,65 @@
+"""Runs the benchmark cases and prints the table of ``benchmarks/RESULTS.md``.
+
+Every module ``benchmarks/bench_*.py`` contributes its rows through a function
+``cases() -> list[Case]``. Usage::
+
+  python -m benchmarks                      # every case, about 4M params
+  python -m benchmarks --only adam --reps 50
+  python -m benchmarks --scale 0.01 --reps 2   # a quick smoke run
+"""
+
+import argparse
+import datetime
+import importlib
+import os
+import pkgutil
+import platform
+import sys
+
+import jax
+import optax
+
+import benchmarks
+from benchmarks import harness
+
+
+def all_cases() -> list[harness.Case]:
+  """The cases of every ``bench_*`` module, in module order."""
+  cases = []
+  for module in sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)):
+    if module.startswith("bench_"):
+      cases.extend(importlib.import_module(f"benchmarks.{module}").cases())
+  return cases
+
+
+def machine() -> str:
+  """One line naming the machine and the versions the figures were taken with."""
+  return (
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    f"JAX {jax.__version__} ({jax.default_backend()}, {len(jax.devices())} device(s)), "
+    f"optax {optax.__version__}, Python {platform.python_version()}"
+  )
+
+
+def main(argv: list[str] | None = None) -> list[harness.Result]:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+  parser.add_argument("--only", default="", help="run the cases whose name contains this")
+  parser.add_argument("--reps", type=int, default=30, help="timed repetitions per subject")
+  parser.add_argument("--scale", type=float, default=1.0, help="params size (1: about 4M)")
+  args = parser.parse_args(argv)
+  if args.reps < 1 or args.scale <= 0:
+    parser.error("--reps must be >= 1 and --scale > 0")
+  params = harness.make_params(args.scale)
+  size = sum(x.size for x in jax.tree.leaves(params))
+  cases = [c for c in all_cases() if args.only in c.name]
+  if not cases:
+    parser.error(f"no case matches --only {args.only!r}")
+  results = []
+  for case in cases:
+    print(f"running {case.name} ...", file=sys.stderr, flush=True)
+    results.append(harness.run_case(case, params, reps=args.reps))
+  command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+  print(f"{datetime.date.today()}, {machine()}")
+  print(f"`{command.strip()}`: {size:,} float32 params in 16 leaves, {args.reps} reps\n")
+  print(harness.markdown_table(results))
+  return results

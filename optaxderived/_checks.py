@@ -1,0 +1,77 @@
+"""Eager validation of hyperparameters, with errors that name the argument and the value.
+
+Only concrete values are checked: a schedule (a callable) or a traced value (as
+``optax.inject_hyperparams`` passes under ``jit``) is accepted as it is.
+"""
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _concrete(value: Any) -> float | None:
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  array = np.asarray(value)
+  if array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
+    return None
+  return float(array)
+
+
+def check_range(
+  name: str,
+  value: Any,
+  *,
+  low: float = -math.inf,
+  high: float = math.inf,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> None:
+  """Raises ``ValueError`` unless a concrete ``value`` lies in the given interval.
+
+  Example:
+    >>> from optaxderived._checks import check_range
+    >>> check_range("decay", 1.0, low=0.0, high=1.0, high_open=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: decay must be in [0.0, 1.0), got 1.0
+  """
+  x = _concrete(value)
+  if x is None:
+    return
+  if (
+    math.isnan(x) or x < low or x > high or (low_open and x == low) or (high_open and x == high)
+  ):
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless a concrete ``value`` is > 0 (schedules pass)."""
+  x = _concrete(value)
+  if x is not None and not x > 0:
+    raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def check_int(name: str, value: Any, *, low: int = 1) -> None:
+  """Raises ``ValueError`` unless ``value`` is an integer >= ``low`` (schedules pass)."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def require_params(params: Any, transformation: str) -> None:
+  """Raises ``ValueError`` in ``update`` when a transformation that needs params got none."""
+  if params is None:
+    raise ValueError(
+      f"{transformation} needs the current params: call update(updates, state, params)"
+    )

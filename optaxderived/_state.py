@@ -1,0 +1,41 @@
+"""Finding a transformation's state inside any optimizer state (chains, wrappers, masks)."""
+
+from typing import Any, TypeVar
+
+import jax
+
+S = TypeVar("S")
+
+
+def find_states(state: Any, state_type: type[S]) -> list[S]:
+  """Every ``state_type`` instance inside ``state``, outermost first, in tree order.
+
+  ``state`` may be the instance itself or any optimizer state that holds it: a chain's
+  tuple, a wrapper's ``inner_state``, a ``partition``/``masked`` state, a dict.
+
+  Example:
+    >>> import optax
+    >>> import optaxderived as od
+    >>> from optaxderived._state import find_states
+    >>> tx = optax.chain(optax.clip(1.0), optax.adam(1e-3))
+    >>> state = tx.init({"w": jax.numpy.ones(2)})
+    >>> [type(s).__name__ for s in find_states(state, optax.ScaleByAdamState)]
+    ['ScaleByAdamState']
+  """
+  is_target = lambda x: isinstance(x, state_type)
+  return [s for s in jax.tree.leaves(state, is_leaf=is_target) if is_target(s)]
+
+
+def find_state(state: Any, state_type: type[S], *, accessor: str) -> S:
+  """The outermost ``state_type`` inside ``state``.
+
+  Raises:
+    ValueError: naming ``accessor`` when ``state`` holds no ``state_type``.
+  """
+  found = find_states(state, state_type)
+  if not found:
+    raise ValueError(
+      f"{accessor}: the optimizer state holds no {state_type.__name__} "
+      f"(got a {type(state).__name__})"
+    )
+  return found[0]

@@ -1,0 +1,87 @@
+"""The path convention on dicts, FrozenDicts, Flax linen params and nnx.State."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import linen, nnx
+from flax.core import FrozenDict
+
+import optaxderived as od
+from optaxderived import _paths
+
+
+def test_paths_of_nested_dicts_and_sequences():
+  tree = {"a": {"b": jnp.ones(1)}, "layers": [jnp.ones(1), (jnp.ones(1),)]}
+  assert od.tree_paths(tree) == {
+    "a": {"b": "a/b"},
+    "layers": ["layers/0", ("layers/1/0",)],
+  }
+
+
+def test_paths_of_frozendict_and_linen_params():
+  model = linen.Sequential([linen.Dense(3), linen.LayerNorm()])
+  params = model.init(jax.random.key(0), jnp.ones((1, 2)))
+  paths = sorted(jax.tree.leaves(od.tree_paths(params)))
+  assert paths == [
+    "params/layers_0/bias",
+    "params/layers_0/kernel",
+    "params/layers_1/bias",
+    "params/layers_1/scale",
+  ]
+  frozen = FrozenDict({"x": {"y": jnp.ones(2)}})
+  assert jax.tree.leaves(od.tree_paths(frozen)) == ["x/y"]
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(2, 3, rngs=rngs)
+    self.norm = nnx.LayerNorm(3, rngs=rngs)
+
+
+def test_nnx_state_and_its_plain_arrays_have_the_same_paths():
+  state = nnx.state(_Net(nnx.Rngs(0)), nnx.Param)
+  with_variables = jax.tree.leaves(od.tree_paths(state))
+  plain = jax.tree.leaves(od.tree_paths(nnx.as_pure(state)))
+  assert with_variables == plain == ["dense/bias", "dense/kernel", "norm/bias", "norm/scale"]
+
+
+def test_path_mask_is_an_optax_mask_under_nnx_optimizer():
+  model = _Net(nnx.Rngs(0))
+  tx = optax.add_decayed_weights(1.0, mask=od.path_mask("kernel"))
+  optimizer = nnx.Optimizer(model, optax.chain(tx, optax.scale(-1.0)), wrt=nnx.Param)
+  before = nnx.as_pure(nnx.state(model, nnx.Param))
+  zero_grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  optimizer.update(model, zero_grads)
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  assert jnp.all(after["dense"]["kernel"] == 0)  # decayed by 1 * params
+  assert jnp.all(after["norm"]["scale"] == before["norm"]["scale"])
+
+
+def test_any_pattern_matches_by_search():
+  params = {"enc": {"kernel": 1.0, "bias": 2.0}, "dec": {"Norm": {"scale": 3.0}}}
+  mask = od.path_mask(["bias", r"Norm/"])(params)
+  assert mask == {
+    "enc": {"kernel": False, "bias": True},
+    "dec": {"Norm": {"scale": True}},
+  }
+
+
+def test_unmatched_pattern_warns_once_or_raises_when_strict():
+  params = {"dense": {"kernel": 1.0}}
+  _paths._warned.clear()
+  with pytest.warns(UserWarning, match=r"'kernal' matches no parameter.*dense/kernel"):
+    od.path_mask("kernal")(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    od.path_mask("kernal")(params)  # the second time is silent
+  with pytest.raises(ValueError, match="kernal"):
+    od.path_mask("kernal", strict=True)(params)
+
+
+@pytest.mark.parametrize("bad", ["(", ["ok", 3], []])
+def test_bad_patterns_raise_value_error(bad):
+  with pytest.raises(ValueError, match="patterns"):
+    od.path_mask(bad)
