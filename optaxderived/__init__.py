@@ -5,7 +5,23 @@ line; the implementation lives in private modules, one small module per family.
 """
 
 # Paths: how leaves are named and selected by patterns.
-from optaxderived._paths import Patterns, path_mask, tree_paths
+from optaxderived._paths import Patterns
+from optaxderived._paths import path_mask
+from optaxderived._paths import tree_paths
+
+# Accumulation (soft batch).
+
+# Lookahead and parameter EMA.
+
+# Lazy optimisation for embeddings.
+
+# Clipping and per-path rules.
+
+# The derived family.
+
+# Exponentiated gradient.
+
+# ODE steppers.
 
 __version__ = "0.1.0"
 
@@ -13,4 +29,11 @@ __all__ = (
   "Patterns",
   "path_mask",
   "tree_paths",
+  # Accumulation (soft batch).
+  # Lookahead and parameter EMA.
+  # Lazy optimisation for embeddings.
+  # Clipping and per-path rules.
+  # The derived family.
+  # Exponentiated gradient.
+  # ODE steppers.
 )
