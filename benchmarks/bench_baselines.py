@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import optax
 
-from benchmarks.harness import Case, floor_subject, tx_subject
+from benchmarks.harness import Case
+from benchmarks.harness import floor_subject
+from benchmarks.harness import tx_subject
 
 
 def _check_sgd(params, grads):

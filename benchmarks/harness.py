@@ -80,6 +80,7 @@ class Case:
     target: the ratio ours/baseline the issue asks for (None: none asked).
     check: ``(params, batch) -> None``, raises when ``ours`` computes the wrong thing.
     batch: ``(params, key) -> batch`` (default: a gradient tree of random normals).
+    params: ``scale -> params`` (default: :func:`make_params`, about 4M at ``scale=1``).
   """
 
   name: str
@@ -89,6 +90,7 @@ class Case:
   target: float | None = None
   check: Callable[[Any, Any], None] | None = None
   batch: Callable[[Any, jax.Array], Any] | None = None
+  params: Callable[[float], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +158,10 @@ def _run_cycle(compiled, carry, batch, cycle: int):
 
 
 def run_case(
-  case: Case, params: Any, *, reps: int = 30, warmup: int = 3, seed: int = 0
+  case: Case, *, scale: float = 1.0, reps: int = 30, warmup: int = 3, seed: int = 0
 ) -> Result:
   """Checks, compiles and times ``case`` (median seconds per micro step)."""
+  params = case.params(scale) if case.params else make_params(scale)
   key = jax.random.key(seed)
   batch = case.batch(params, key) if case.batch else random_like(params, key)
   if case.check is not None:

@@ -49,17 +49,15 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
   args = parser.parse_args(argv)
   if args.reps < 1 or args.scale <= 0:
     parser.error("--reps must be >= 1 and --scale > 0")
-  params = harness.make_params(args.scale)
-  size = sum(x.size for x in jax.tree.leaves(params))
   cases = [c for c in all_cases() if args.only in c.name]
   if not cases:
     parser.error(f"no case matches --only {args.only!r}")
   results = []
   for case in cases:
     print(f"running {case.name} ...", file=sys.stderr, flush=True)
-    results.append(harness.run_case(case, params, reps=args.reps))
+    results.append(harness.run_case(case, scale=args.scale, reps=args.reps))
   command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
   print(f"{datetime.date.today()}, {machine()}")
-  print(f"`{command.strip()}`: {size:,} float32 params in 16 leaves, {args.reps} reps\n")
+  print(f"`{command.strip()}`: medians of {args.reps} reps per subject\n")
   print(harness.markdown_table(results))
   return results

@@ -9,7 +9,8 @@ the same path in ``nnx.State`` and in the plain arrays that ``nnx.Optimizer`` pa
 
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax

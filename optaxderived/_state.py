@@ -1,6 +1,7 @@
 """Finding a transformation's state inside any optimizer state (chains, wrappers, masks)."""
 
-from typing import Any, TypeVar
+from typing import Any
+from typing import TypeVar
 
 import jax
 

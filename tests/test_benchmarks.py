@@ -2,14 +2,15 @@
 
 import pytest
 
-from benchmarks import harness, run
+from benchmarks import harness
+from benchmarks import run
 
 CASES = run.all_cases()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_case_runs_and_checks_itself(case):
-  result = harness.run_case(case, harness.make_params(scale=0.01), reps=1, warmup=1)
+  result = harness.run_case(case, scale=0.01, reps=1, warmup=1)
   assert result.ours_ms > 0 and result.baseline_ms > 0
   assert "| " + case.name in harness.markdown_table([result])
 

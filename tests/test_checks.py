@@ -3,7 +3,10 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from optaxderived._checks import check_choice, check_int, check_positive, check_range
+from optaxderived._checks import check_choice
+from optaxderived._checks import check_int
+from optaxderived._checks import check_positive
+from optaxderived._checks import check_range
 
 
 def test_messages_name_the_argument_and_value():

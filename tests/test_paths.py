@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from flax import linen, nnx
+from flax import linen
+from flax import nnx
 from flax.core import FrozenDict
 
 import optaxderived as od
