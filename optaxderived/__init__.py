@@ -18,6 +18,10 @@ from optaxderived._paths import tree_paths
 # Clipping and per-path rules.
 
 # The derived family.
+from optaxderived._derived import WeightDecayState
+from optaxderived._derived import layer_adaptation
+from optaxderived._derived import piecewise_linear
+from optaxderived._derived import weight_decay
 
 # Exponentiated gradient.
 
@@ -34,6 +38,10 @@ __all__ = (
   # Lazy optimisation for embeddings.
   # Clipping and per-path rules.
   # The derived family.
+  "WeightDecayState",
+  "layer_adaptation",
+  "piecewise_linear",
+  "weight_decay",
   # Exponentiated gradient.
   # ODE steppers.
 )
