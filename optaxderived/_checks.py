@@ -59,6 +59,12 @@ def check_int(name: str, value: Any, *, low: int = 1) -> None:
   """Raises ``ValueError`` unless ``value`` is an integer >= ``low`` (schedules pass)."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return
+  if (
+    isinstance(value, jax.Array | np.ndarray)
+    and value.ndim == 0
+    and np.issubdtype(value.dtype, np.integer)
+  ):
+    value = int(value)  # a concrete int array, as optax.inject_hyperparams passes at init
   if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
     raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 

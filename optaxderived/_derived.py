@@ -1,4 +1,7 @@
-"""The derived family: decoupled weight decay, layer adaptation, piecewise-linear schedules."""
+"""The derived family: decoupled weight decay, layer adaptation, piecewise-linear schedules.
+
+Their composition around a base optimizer is `od.derive` (`_derive.py`).
+"""
 
 import math
 from collections.abc import Mapping

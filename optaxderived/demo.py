@@ -36,17 +36,79 @@ class Row:
     note: what the row shows, for the table.
     batch_size: examples per call (the row makes ``steps * 128 / batch_size`` calls).
     eval_params: ``(opt_state, params) -> params`` to evaluate with (default: params).
+    grad_fn: pass ``grad_fn=`` (the gradient of the same loss on the same batch) to
+      ``update``, as the ODE steppers of ``od.as_transformation`` need.
   """
 
   make: Callable[[], optax.GradientTransformation]
   note: str
   batch_size: int = BATCH
   eval_params: Callable[[Any, Any], Any] | None = None
+  grad_fn: bool = False
 
 
 ROWS: dict[str, Row] = {
   "adam": Row(lambda: optax.adam(3e-3), "optax baseline"),
   "sgd": Row(lambda: optax.sgd(0.1, momentum=0.9), "optax baseline"),
+  "accumulate": Row(
+    lambda: __import__("optaxderived").accumulate(optax.adam(3e-3), 8),
+    "adam on 8 micro-batches of 16 = one batch of 128",
+    batch_size=16,
+  ),
+  "lookahead": Row(
+    lambda: __import__("optaxderived").lookahead(optax.adam(3e-3), 5, 0.5),
+    "adam + lookahead (k=5, alpha=0.5); evaluated with the slow weights",
+    eval_params=lambda state, params: __import__("optaxderived").lookahead_params(state),
+  ),
+  "param_ema": Row(
+    lambda: optax.chain(optax.adam(3e-3), __import__("optaxderived").param_ema(0.99)),
+    "adam + param_ema(0.99); evaluated with the debiased average",
+    eval_params=lambda state, params: __import__("optaxderived").ema_params(state, params),
+  ),
+  "adam+clip": Row(
+    lambda: optax.chain(__import__("optaxderived").clip_norm(0.25), optax.adam(3e-3)),
+    "adam after hard global clipping min(1, γ/‖g‖), γ=0.25 (= clip_by_global_norm)",
+  ),
+  "adam+softclip": Row(
+    lambda: optax.chain(
+      __import__("optaxderived").clip_norm(0.25, soft=True), optax.adam(3e-3)
+    ),
+    "adam after soft global clipping γ/(‖g‖+γ), γ=0.25",
+  ),
+  "heun": Row(
+    lambda: __import__("optaxderived").as_transformation(__import__("optaxderived").heun(1.0)),
+    "Heun's method on the gradient flow, h=1 (2 gradients per call)",
+    grad_fn=True,
+  ),
+  "rk23": Row(
+    lambda: __import__("optaxderived").as_transformation(
+      __import__("optaxderived").rk23(0.5, rtol=1e-2, atol=1e-3, max_step_size=2.0)
+    ),
+    "adaptive RK23, h≤2 (4 gradients per call; a rejected call leaves the params)",
+    grad_fn=True,
+  ),
+  "adamw": Row(lambda: optax.adamw(3e-3, weight_decay=1e-2), "optax baseline for derive"),
+  "derive": Row(
+    lambda: __import__("optaxderived").derive(
+      3e-2,
+      weight_decay=1e-2,
+      exclude_from_weight_decay="bias",
+      layer_adaptation=True,
+      exclude_from_layer_adaptation="bias",
+      lr_schedule={30: 1.0, 300: 0.1},
+      lookahead=(5, 0.5),
+      ema=0.9,
+      clip=1.0,
+    ),
+    "clip + adam + wd + layer adaptation + warmup/decay + lookahead + EMA",
+    eval_params=lambda opt_state, params: __import__("optaxderived").ema_params(
+      opt_state, params
+    ),
+  ),
+  "adam+eg_gains": Row(
+    lambda: __import__("optaxderived").eg_step_size(optax.adam(3e-3), 0.05),
+    "adam with EG step-size adaptation: a gain per leaf, γ=0.05 (cosine, clipped)",
+  ),
 }
 
 
@@ -90,7 +152,11 @@ def train(name: str, row: Row, data, *, steps: int, seed: int, progress=None) ->
   def train_step(model, optimizer, x, y):
     before = nnx.as_pure(nnx.state(model, nnx.Param))
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-    optimizer.update(model, grads)
+    extra = {}
+    if row.grad_fn:  # the gradient at other points, on the same batch
+      graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+      extra["grad_fn"] = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), x, y))
+    optimizer.update(model, grads, **extra)
     after = nnx.as_pure(nnx.state(model, nnx.Param))
     changed = jax.tree.reduce(
       jnp.logical_or, jax.tree.map(lambda a, b: jnp.any(a != b), before, after)

@@ -1,5 +1,6 @@
 """Checks every transformation's tests share (import with ``from helpers import ...``)."""
 
+import functools
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ def assert_state_stable(
 ) -> None:
   """The state after an update has the dtypes, shapes and structure of the initial one."""
   state = tx.init(params)
-  _, new_state = jax.jit(tx.update)(grads, state, params, **extra)
+  _, new_state = jax.jit(functools.partial(tx.update, **extra))(grads, state, params)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert shapes_and_dtypes(new_state) == shapes_and_dtypes(state)
 
@@ -49,7 +50,7 @@ def assert_keeps_dtype(
   """Updates keep the gradients' dtype and params keep theirs (bf16 stays bf16)."""
   state = tx.init(params)
   for _ in range(2):
-    updates, state = jax.jit(tx.update)(grads, state, params, **extra)
+    updates, state = jax.jit(functools.partial(tx.update, **extra))(grads, state, params)
     for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
       assert u.dtype == g.dtype, (u.dtype, g.dtype)
     new_params = optax.apply_updates(params, updates)

@@ -29,6 +29,9 @@ def test_schedules_and_traced_values_pass():
   check_int("every_k", lambda step: 2)
   jax.jit(lambda x: check_positive("lr", x) or x)(jnp.float32(-1.0))
   check_positive("lr", jnp.float32(0.5))
+  check_int("every_k", jnp.asarray(3))  # what optax.inject_hyperparams passes at init
+  with pytest.raises(ValueError, match="every_k must be an integer >= 1"):
+    check_int("every_k", jnp.asarray(0))
 
 
 def test_missing_params_names_the_transformation():

@@ -1,0 +1,213 @@
+"""``od.derive``: the derived techniques composed around a base optimizer, in order."""
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxderived import _accumulation
+from optaxderived import _checks
+from optaxderived import _clipping
+from optaxderived import _derived
+from optaxderived import _ema
+from optaxderived import _lazy
+from optaxderived import _lookahead
+from optaxderived import _path_rules
+from optaxderived import _paths
+
+
+class ScaleByAdamState(NamedTuple):
+  """State of the Adam base of :func:`derive` without bias correction.
+
+  Attributes:
+    count: update calls seen, int32.
+    mu: first moment, shaped like the params.
+    nu: second moment, shaped like the params.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def _scale_by_adam_uncorrected(
+  b1: float, b2: float, eps: float
+) -> optax.GradientTransformation:
+  """Adam's direction ``m / (sqrt(v) + eps)`` without bias correction (bert4keras's
+  ``bias_correction=False``); optax's ``scale_by_adam`` always corrects."""
+
+  def init_fn(params):
+    return ScaleByAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    updates = jax.tree.map(
+      lambda g, m, v: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), updates, mu, nu
+    )
+    return updates, ScaleByAdamState(optax.safe_increment(state.count), mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _learning_rate(
+  learning_rate: optax.ScalarOrSchedule, lr_schedule: Mapping | optax.Schedule | None
+) -> optax.ScalarOrSchedule:
+  """``learning_rate · multiplier(step)``, a constant when neither is a schedule."""
+  if lr_schedule is None:
+    return learning_rate
+  if isinstance(lr_schedule, Mapping):
+    multiplier = _derived.piecewise_linear(lr_schedule)
+  elif callable(lr_schedule):
+    multiplier = lr_schedule
+  else:
+    raise ValueError(
+      "lr_schedule must be a {step: multiplier} dict or a schedule of multipliers, "
+      f"got {lr_schedule!r}"
+    )
+  if callable(learning_rate):
+    return lambda count: learning_rate(count) * multiplier(count)
+  return lambda count: learning_rate * multiplier(count)
+
+
+def derive(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  base: optax.GradientTransformation | None = None,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  exclude_from_weight_decay: _paths.Patterns = (),
+  layer_adaptation: bool = False,
+  exclude_from_layer_adaptation: _paths.Patterns = (),
+  lr_schedule: Mapping[int, float] | optax.Schedule | None = None,
+  paramwise_lr: Mapping[_paths.Patterns, optax.ScalarOrSchedule] | None = None,
+  clip: float | optax.GradientTransformation | None = None,
+  grad_accum_steps: int = 1,
+  lookahead: tuple[int, float] | None = None,
+  lazy: _paths.Patterns | None = None,
+  ema: float | None = None,
+  bias_correction: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Composes the derived techniques around a base optimizer, in the order that is right.
+
+  The result is the chain below (pieces left out when not asked for). Accumulation is
+  outermost, so everything inside it (clipping, Adam's bias correction, weight decay, the
+  schedules, lookahead's sync, the EMA) sees and counts real updates only::
+
+    od.accumulate(                                  # grad_accum_steps > 1
+      optax.chain(
+        od.lookahead(                               # lookahead=(sync_period, slow_step_size)
+          optax.chain(
+            od.clip_norm(clip),                     # clip: a max norm (hard, global)
+                                                    #       or a transformation
+            od.lazy(base, include=lazy),            # base: optax.scale_by_adam(eps=1e-6)
+            od.weight_decay(weight_decay, exclude=exclude_from_weight_decay),
+            od.layer_adaptation(exclude=exclude_from_layer_adaptation),
+            optax.scale_by_learning_rate(lambda t: learning_rate * multiplier(t)),
+            od.scale_by_path(paramwise_lr),         # scales everything before it
+          ),
+          sync_period, slow_step_size,
+        ),
+        od.param_ema(ema),                          # ema: a decay
+      ),
+      grad_accum_steps,
+    )
+
+  where ``multiplier`` is ``od.piecewise_linear(lr_schedule)`` for a ``{step: multiplier}``
+  dict, or ``lr_schedule`` itself for a schedule. With the defaults it is Adam with
+  :math:`\epsilon = 10^{-6}`. Weight decay comes before layer adaptation, so the trust ratio
+  :math:`\lVert\theta\rVert / \lVert u + \lambda\theta\rVert` includes the decay, as in LAMB.
+
+  Args:
+    learning_rate: the base learning rate (or a schedule of it).
+    base: the base direction, an optax transformation without learning rate (e.g.
+      ``optax.scale_by_lion()``); default ``optax.scale_by_adam(eps=1e-6)``.
+    weight_decay: decoupled weight decay rate (or schedule); 0 for none.
+    exclude_from_weight_decay: patterns of leaves not decayed (e.g. ``["bias", "Norm"]``).
+    layer_adaptation: rescale each leaf's update to the norm of its parameter.
+    exclude_from_layer_adaptation: patterns of leaves left out of layer adaptation.
+    lr_schedule: ``{step: multiplier}`` (see :func:`piecewise_linear`) or a schedule of
+      multipliers of ``learning_rate``, counted in real updates.
+    paramwise_lr: ``{patterns: multiplier}`` rules of :func:`scale_by_path`.
+    clip: a max norm for hard global clipping, or a clipping transformation.
+    grad_accum_steps: micro-batches per real update (:func:`accumulate`).
+    lookahead: ``(sync_period, slow_step_size)`` of :func:`lookahead`.
+    lazy: patterns of the embedding leaves updated lazily (:func:`lazy` around ``base``).
+    ema: the decay of a parameter EMA (:func:`param_ema`) kept last; read it with
+      :func:`ema_params`.
+    bias_correction: whether the default Adam base bias-corrects its moments (the author's
+      BERT recipe turns it off); only with the default ``base``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` when weight
+    decay, layer adaptation, lookahead or the EMA is on.
+
+  Example:
+    The author's BERT pretraining recipe in one call (warmup then linear decay to 0, counted in
+    real updates)::
+
+    >>> import jax.numpy as jnp
+    >>> import optaxderived as od
+    >>> tx = od.derive(
+    ...   1.76e-3,
+    ...   bias_correction=False,
+    ...   weight_decay=0.01,
+    ...   exclude_from_weight_decay=["Norm", "bias"],
+    ...   layer_adaptation=True,
+    ...   exclude_from_layer_adaptation=["Norm", "bias"],
+    ...   lr_schedule={3125: 1.0, 125000: 0.0},
+    ...   grad_accum_steps=16,
+    ... )
+    >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)},
+    ...           "Norm": {"scale": jnp.ones(2)}}
+    >>> state = tx.init(params)
+  """
+  _checks.check_positive("learning_rate", learning_rate)
+  _checks.check_int("grad_accum_steps", grad_accum_steps)
+  _checks.check_range("weight_decay", weight_decay, low=0.0)
+  if ema is not None:
+    _checks.check_range("ema", ema, low=0.0, high=1.0, high_open=True)
+  parts = []
+  if isinstance(clip, optax.GradientTransformation):
+    parts.append(clip)
+  elif clip is not None:
+    _checks.check_positive("clip", clip)
+    parts.append(_clipping.clip_norm(clip))
+  if base is None:
+    base = (
+      optax.scale_by_adam(eps=1e-6)
+      if bias_correction
+      else _scale_by_adam_uncorrected(0.9, 0.999, 1e-6)
+    )
+  elif not bias_correction:
+    raise ValueError("bias_correction=False applies to the default Adam base; got a base too")
+  parts.append(base if lazy is None else _lazy.lazy(base, include=lazy))
+  if callable(weight_decay) or weight_decay != 0:
+    parts.append(_derived.weight_decay(weight_decay, exclude=exclude_from_weight_decay))
+  elif exclude_from_weight_decay:
+    raise ValueError("exclude_from_weight_decay needs weight_decay > 0")
+  if layer_adaptation:
+    parts.append(_derived.layer_adaptation(exclude=exclude_from_layer_adaptation))
+  elif exclude_from_layer_adaptation:
+    raise ValueError("exclude_from_layer_adaptation needs layer_adaptation=True")
+  parts.append(optax.scale_by_learning_rate(_learning_rate(learning_rate, lr_schedule)))
+  if paramwise_lr is not None:
+    parts.append(_path_rules.scale_by_path(paramwise_lr))
+  tx = optax.chain(*parts)
+  if lookahead is not None:
+    if not isinstance(lookahead, tuple | list) or len(lookahead) != 2:
+      raise ValueError(
+        f"lookahead must be a (sync_period, slow_step_size) pair, got {lookahead!r}"
+      )
+    tx = _lookahead.lookahead(tx, *lookahead)
+  if ema is not None:
+    tx = optax.chain(tx, _ema.param_ema(ema))
+  if grad_accum_steps > 1:
+    tx = _accumulation.accumulate(tx, grad_accum_steps)
+  return tx

@@ -1,0 +1,200 @@
+"""od.derive: the composition order, against explicit chains and a NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_keeps_dtype
+from helpers import assert_trees_close
+from helpers import run_scan
+
+import optaxderived as od
+
+
+def _params(key=0):
+  keys = jax.random.split(jax.random.key(key), 3)
+  return {
+    "encoder": {"kernel": jax.random.normal(keys[0], (4, 3)), "bias": jnp.zeros(3)},
+    "Norm": {"scale": jnp.ones(3)},
+    "head": {"kernel": jax.random.normal(keys[1], (3, 2))},
+  }
+
+
+def _grads(params, steps, key=1):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(key), len(leaves))
+  return treedef.unflatten(
+    [jax.random.normal(k, (steps, *x.shape)) for k, x in zip(keys, leaves, strict=True)]
+  )
+
+
+def _run(tx, params, grads_seq, steps):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for i in range(steps):
+    updates, state = update(jax.tree.map(lambda g, i=i: g[i], grads_seq), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def test_spec_9_stack_with_correct_semantics_against_numpy():
+  """The spec's §9 stack (Adam without bias correction, weight decay, layer adaptation,
+  warmup schedule, accumulation k=2) with the semantics API.md asks for: no phantom step, each
+  window applied when it closes, the schedule counting real updates."""
+  grads = np.array([[0.1, -0.2], [0.3, 0.1], [0.2, 0.2], [0.1, 0.1], [0.0, 0.3], [0.2, -0.1]])
+  lr, decay, b1, b2, eps = 0.1, 0.01, 0.9, 0.999, 1e-6
+  multiplier = lambda t: np.interp(t, [0, 4, 8], [0.0, 1.0, 0.0])
+  w, m, v, expected = np.array([3.0, 4.0]), np.zeros(2), np.zeros(2), []
+  for real_step, window in enumerate(grads.reshape(3, 2, 2)):
+    g = window.mean(0)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+    u = m / (np.sqrt(v) + eps) + decay * w
+    u = u * np.linalg.norm(w) / np.linalg.norm(u)
+    w = w - lr * multiplier(real_step) * u
+    expected += [None, w.copy()]
+
+  tx = od.derive(
+    lr,
+    bias_correction=False,
+    weight_decay=decay,
+    layer_adaptation=True,
+    lr_schedule={4: 1.0, 8: 0.0},
+    grad_accum_steps=2,
+  )
+  with jax.enable_x64(True):
+    params = jnp.array([3.0, 4.0])
+    state = tx.init(params)
+    for i, g in enumerate(grads):
+      updates, state = tx.update(jnp.asarray(g), state, params)
+      params = optax.apply_updates(params, updates)
+      if expected[i] is not None:
+        # float64 everywhere but the accumulator (float32 by default): ~1e-9 relative.
+        np.testing.assert_allclose(params, expected[i], rtol=1e-8)
+  np.testing.assert_allclose(expected[1], [3.0, 4.0])  # multiplier 0 at the first real update
+
+
+def test_derive_equals_the_explicit_chain_its_docstring_shows():
+  params, steps = _params(), 24
+  grads = _grads(params, steps)
+  kwargs = dict(
+    weight_decay=0.01,
+    exclude_from_weight_decay=["bias", "Norm"],
+    layer_adaptation=True,
+    exclude_from_layer_adaptation=["bias", "Norm"],
+    lr_schedule={3: 1.0, 6: 0.2},
+    paramwise_lr={"head": 0.5, "kernel": 0.5},
+    clip=1.0,
+    lookahead=(2, 0.5),
+    ema=0.9,
+    grad_accum_steps=3,
+  )
+  derived = od.derive(1e-2, **kwargs)
+  multiplier = od.piecewise_linear({3: 1.0, 6: 0.2})
+  explicit = od.accumulate(
+    optax.chain(
+      od.lookahead(
+        optax.chain(
+          od.clip_norm(1.0),
+          optax.scale_by_adam(eps=1e-6),
+          od.weight_decay(0.01, exclude=["bias", "Norm"]),
+          od.layer_adaptation(exclude=["bias", "Norm"]),
+          optax.scale_by_learning_rate(lambda t: 1e-2 * multiplier(t)),
+          od.scale_by_path({"head": 0.5, "kernel": 0.5}),
+        ),
+        2,
+        0.5,
+      ),
+      od.param_ema(0.9),
+    ),
+    3,
+  )
+  p1, s1 = _run(derived, params, grads, steps)
+  p2, s2 = _run(explicit, params, grads, steps)
+  assert_trees_close(p1, p2, rtol=1e-6, atol=1e-7)
+  assert_trees_close(od.ema_params(s1, p1), od.ema_params(s2, p2), rtol=1e-6, atol=1e-7)
+  assert_trees_close(od.lookahead_params(s1), od.lookahead_params(s2), rtol=1e-6, atol=1e-7)
+  assert int(s1.step) == steps // 3  # the AccumulateState counts real updates
+
+
+def test_defaults_are_adam_with_eps_1e6_and_a_custom_base_works():
+  params, steps = _params(), 5
+  grads = _grads(params, steps)
+  assert_trees_close(
+    _run(od.derive(1e-2), params, grads, steps)[0],
+    _run(optax.adam(1e-2, eps=1e-6), params, grads, steps)[0],
+    rtol=1e-6,
+  )
+  assert_trees_close(
+    _run(od.derive(1e-3, base=optax.scale_by_lion()), params, grads, steps)[0],
+    _run(optax.lion(1e-3, weight_decay=0.0), params, grads, steps)[0],
+    rtol=1e-6,
+  )
+
+
+def test_the_schedule_counts_real_updates_under_accumulation():
+  tx = od.derive(1.0, base=optax.identity(), lr_schedule={4: 1.0}, grad_accum_steps=3)
+  params = jnp.zeros(())
+  state = tx.init(params)
+  moves = []
+  for _ in range(12):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    moves.append(float(updates))
+  # real updates at micro steps 2, 5, 8, 11 with multipliers M(0..3) = 0, 0.25, 0.5, 0.75
+  np.testing.assert_allclose(moves, [0, 0, -0.0, 0, 0, -0.25, 0, 0, -0.5, 0, 0, -0.75])
+
+
+def test_lazy_patterns_wrap_the_base():
+  params = {"embed": jnp.ones((4, 2)), "dense": jnp.ones(2)}
+  grads = {"embed": jnp.zeros((4, 2)).at[1].set(1.0), "dense": jnp.ones(2)}
+  tx = od.derive(0.1, lazy="embed")
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  untouched = np.delete(np.asarray(params["embed"]), 1, axis=0)
+  np.testing.assert_array_equal(untouched, 1.0)
+  assert np.all(np.asarray(params["embed"][1]) < 1.0)
+
+
+def test_the_bert_recipe_scans_and_keeps_bf16():
+  tx = od.derive(
+    1e-3,
+    bias_correction=False,
+    weight_decay=0.01,
+    exclude_from_weight_decay=["Norm", "bias"],
+    layer_adaptation=True,
+    exclude_from_layer_adaptation=["Norm", "bias"],
+    lr_schedule={2: 1.0, 10: 0.0},
+    grad_accum_steps=2,
+  )
+  params = _params()
+  run_scan(tx, params, _grads(params, 6))
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  assert_keeps_dtype(tx, bf16, jax.tree.map(jnp.ones_like, bf16))
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(learning_rate=0.0), "learning_rate must be > 0"),
+    (dict(learning_rate=1e-3, grad_accum_steps=0), "grad_accum_steps must be an integer >= 1"),
+    (dict(learning_rate=1e-3, clip=-1.0), "clip must be > 0"),
+    (dict(learning_rate=1e-3, exclude_from_weight_decay="bias"), "needs weight_decay > 0"),
+    (
+      dict(learning_rate=1e-3, exclude_from_layer_adaptation="bias"),
+      "needs layer_adaptation=True",
+    ),
+    (
+      dict(learning_rate=1e-3, base=optax.scale_by_lion(), bias_correction=False),
+      "bias_correction=False applies to the default Adam base",
+    ),
+    (dict(learning_rate=1e-3, lookahead=5), "lookahead must be a"),
+    (dict(learning_rate=1e-3, lr_schedule=3), "lr_schedule must be"),
+    (dict(learning_rate=1e-3, weight_decay=-1.0), "weight_decay must be in"),
+    (dict(learning_rate=1e-3, ema=1.0), "ema must be in"),
+  ],
+)
+def test_invalid_combinations_raise_value_error(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    od.derive(**kwargs)
