@@ -90,7 +90,9 @@ def _unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], j
     norm = _stable_norm(norms)
     return ([norm] if scope == "global" else norms), norm
 
-  return jax.lax.cond(jnp.isinf(total), rescaled, plain)
+  # ~isfinite, not isinf: with a NaN elsewhere the total is NaN, and the finite units whose
+  # squares overflowed must still get their exact norms
+  return jax.lax.cond(~jnp.isfinite(total), rescaled, plain)
 
 
 def clip_norm(
@@ -204,7 +206,7 @@ def clip_norm(
       # inner where never divides by a norm that is not clipped, such as 0).
       over = n > gamma
       hard = jnp.where(over, gamma / jnp.where(over, n, 1), 1), over
-      soft_ = jnp.where(jnp.isinf(gamma), 1, gamma / (n + gamma)), n > 0
+      soft_ = jnp.where(jnp.isinf(gamma), 1, gamma / (n + gamma)), (n > 0) & ~jnp.isinf(gamma)
       hard = jnp.where(jnp.isnan(n), n, hard[0]), hard[1]
       soft_ = jnp.where(jnp.isnan(n), n, soft_[0]), soft_[1]
       if isinstance(soft, bool | np.bool_):

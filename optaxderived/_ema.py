@@ -143,10 +143,12 @@ def param_ema(
     )
 
   def _average(m, p):
-    # The decay in the average's dtype, and 1 - decay from it: the weights then sum to
-    # 1 - mu**n as ema_params computes it (a decay rounded twice would bias the result).
-    mu = jnp.asarray(decay, m.dtype)
-    return (mu * m + (1 - mu) * _widen(p, m.dtype)).astype(m.dtype)
+    # Computed with the float32 decay that the debiasing uses (at least in float32), stored
+    # in the average's dtype: a decay rounded to a narrow accumulator (0.999 is 1.0 in bf16)
+    # would disagree with the divisor 1 - mu**n, biasing the average or freezing it at 0.
+    wide = jnp.promote_types(m.dtype, jnp.float32)
+    mu = jnp.asarray(decay, jnp.float32).astype(wide)
+    return (mu * m.astype(wide) + (1 - mu) * _widen(p, wide)).astype(m.dtype)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args

@@ -247,10 +247,16 @@ def exponentiated_gradient(
       dtype = _compute_dtype(g, p)
       p32 = p.astype(dtype)
       r = -jnp.asarray(lr, dtype) * g.astype(dtype)
+      r_min = _log_min_factor(g, p)
       if axes is not None:
         leaf_axes = tuple(a % p.ndim for a in axes)
-        r = r - jax.nn.logsumexp(jnp.log(p32) + r, axis=leaf_axes, keepdims=True)
-      r = jnp.maximum(r, _log_min_factor(g, p))
+        log_p = jnp.log(p32)
+        r = r - jax.nn.logsumexp(log_p + r, axis=leaf_axes, keepdims=True)
+        r = jnp.maximum(r, r_min)
+        # the floor may add mass: normalise once more so the slices stay on the simplex
+        r = r - jax.nn.logsumexp(log_p + r, axis=leaf_axes, keepdims=True)
+      else:
+        r = jnp.maximum(r, r_min)
       # exp, not expm1: the params get the same rounding (θ + u is rounded at θ's scale) and
       # XLA's expm1 on CPU is twice as slow, which made the step compute-bound.
       return (p32 * jnp.exp(r) - p32).astype(g.dtype)
@@ -350,8 +356,9 @@ def eg_plus_minus(
         )
       scale = (total_mass - l1) / (2 * max(n, 1))
       scale = jnp.where(scale > 0, scale, jnp.nan)  # under jit: NaN instead of a ValueError
-    u = jax.tree.map(lambda p: (jnp.maximum(p, 0) + scale).astype(acc_dtype(p)), params)
-    v = jax.tree.map(lambda p: (jnp.maximum(-p, 0) + scale).astype(acc_dtype(p)), params)
+    # Widened before adding the scale, so that u0 - v0 is exactly the params (bf16 included).
+    u = jax.tree.map(lambda p: jnp.maximum(p.astype(acc_dtype(p)), 0) + scale, params)
+    v = jax.tree.map(lambda p: jnp.maximum(-p.astype(acc_dtype(p)), 0) + scale, params)
     return EGPlusMinusState(count=jnp.zeros([], jnp.int32), u=u, v=v)
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -23,7 +23,7 @@ from optaxderived import _paths
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class RowSparse:
   r"""A gradient (or update) of a table given only at some of its rows.
 

@@ -62,6 +62,8 @@ def _check_multiplier(name: str, value: Any) -> None:
     not callable(value) and not hasattr(value, "dtype") and not isinstance(value, int | float)
   ):
     raise ValueError(f"{name} must be a number or a schedule, got {value!r}")
+  if hasattr(value, "dtype") and jnp.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar or a schedule, got shape {jnp.shape(value)}")
   _checks.check_range(
     name, value, low=-float("inf"), high=float("inf"), low_open=True, high_open=True
   )

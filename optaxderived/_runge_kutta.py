@@ -458,6 +458,7 @@ class Stepper:
 
   def _clamp(self, h: jax.Array) -> jax.Array:
     h = jnp.maximum(h, jnp.asarray(self.min_step_size, h.dtype))
+    h = jnp.where(h > 0, h, jnp.finfo(h.dtype).tiny)  # repeated rejections never reach h = 0
     if self.max_step_size is not None:
       h = jnp.minimum(h, jnp.asarray(self.max_step_size, h.dtype))
     return h
@@ -527,7 +528,8 @@ class Stepper:
         jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(candidate)])
       )
       error = jnp.where(finite & ~jnp.isnan(error), error, jnp.inf)
-      accepted = (error <= 1.0) | (h <= self.min_step_size)
+      # a non-finite step is never accepted, not even at min_step_size
+      accepted = jnp.isfinite(error) & ((error <= 1.0) | (h <= self.min_step_size))
       step_size, prev_error = self._control(h, error, accepted, state)
       new_params = jax.tree.map(lambda x, p: jnp.where(accepted, x, p), new_params, params)
       increment = jax.tree.map(lambda d: jnp.where(accepted, d, jnp.zeros_like(d)), increment)
@@ -691,7 +693,7 @@ def runge_kutta(
     factor_min: the smallest factor of ``h`` per step, in (0, 1].
     factor_max: the largest factor of ``h`` per step, ≥ 1.
     min_step_size: adaptive only; ``h`` never goes below it and a step taken at it is
-      accepted whatever its error.
+      accepted whatever its (finite) error.
     max_step_size: adaptive only; ``h`` never goes above it (None: no bound).
     fsal: keep the last stage's loss and gradient for the next step's first stage
       ("first same as last", ``od.BOSH3`` and ``od.DOPRI5``): one evaluation fewer per
@@ -852,9 +854,9 @@ def as_transformation(stepper: Stepper) -> optax.GradientTransformationExtraArgs
   The learning rate is inside: do not scale the updates again. Transformations chained
   before it change the first stage only (not ``grad_fn``'s stages), so put gradient
   processing inside ``grad_fn`` and the loss instead; transformations after it (e.g. an
-  EMA of params) see the parameter change. ``fsal`` does not apply here: the first stage
-  is the incoming gradient. With a Flax ``TrainState``, whose ``apply_gradients`` does not
-  forward ``grad_fn``, use :func:`apply_gradients`.
+  EMA of params) see the parameter change. A stepper with ``fsal=True`` is refused: the
+  first stage is the incoming gradient. With a Flax ``TrainState``, whose
+  ``apply_gradients`` does not forward ``grad_fn``, use :func:`apply_gradients`.
 
   Args:
     stepper: a :class:`Stepper` (``od.heun(0.1)``, ``od.rk23(0.1)``, ...).
@@ -874,9 +876,14 @@ def as_transformation(stepper: Stepper) -> optax.GradientTransformationExtraArgs
   """
   if not isinstance(stepper, Stepper):
     raise ValueError(f"stepper must be an od.Stepper (od.heun(0.1), ...), got {stepper!r}")
+  if stepper.fsal:
+    raise ValueError(
+      "as_transformation cannot reuse the last stage (its first stage is the incoming "
+      "gradient): build the stepper with fsal=False"
+    )
 
   def init_fn(params):
-    return stepper._init(params, fsal=False)
+    return stepper.init(params)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import optaxderived as od
+
 BATCH = 128
 
 
@@ -50,46 +52,32 @@ class Row:
 ROWS: dict[str, Row] = {
   "adam": Row(lambda: optax.adam(3e-3), "optax baseline"),
   "sgd": Row(lambda: optax.sgd(0.1, momentum=0.9), "optax baseline"),
+  "adamw": Row(lambda: optax.adamw(3e-3, weight_decay=1e-2), "optax baseline for derive"),
   "accumulate": Row(
-    lambda: __import__("optaxderived").accumulate(optax.adam(3e-3), 8),
+    lambda: od.accumulate(optax.adam(3e-3), 8),
     "adam on 8 micro-batches of 16 = one batch of 128",
     batch_size=16,
   ),
   "lookahead": Row(
-    lambda: __import__("optaxderived").lookahead(optax.adam(3e-3), 5, 0.5),
+    lambda: od.lookahead(optax.adam(3e-3), 5, 0.5),
     "adam + lookahead (k=5, alpha=0.5); evaluated with the slow weights",
-    eval_params=lambda state, params: __import__("optaxderived").lookahead_params(state),
+    eval_params=lambda state, params: od.lookahead_params(state),
   ),
   "param_ema": Row(
-    lambda: optax.chain(optax.adam(3e-3), __import__("optaxderived").param_ema(0.99)),
+    lambda: optax.chain(optax.adam(3e-3), od.param_ema(0.99)),
     "adam + param_ema(0.99); evaluated with the debiased average",
-    eval_params=lambda state, params: __import__("optaxderived").ema_params(state, params),
+    eval_params=lambda state, params: od.ema_params(state, params),
   ),
   "adam+clip": Row(
-    lambda: optax.chain(__import__("optaxderived").clip_norm(0.25), optax.adam(3e-3)),
+    lambda: optax.chain(od.clip_norm(0.25), optax.adam(3e-3)),
     "adam after hard global clipping min(1, γ/‖g‖), γ=0.25 (= clip_by_global_norm)",
   ),
   "adam+softclip": Row(
-    lambda: optax.chain(
-      __import__("optaxderived").clip_norm(0.25, soft=True), optax.adam(3e-3)
-    ),
+    lambda: optax.chain(od.clip_norm(0.25, soft=True), optax.adam(3e-3)),
     "adam after soft global clipping γ/(‖g‖+γ), γ=0.25",
   ),
-  "heun": Row(
-    lambda: __import__("optaxderived").as_transformation(__import__("optaxderived").heun(1.0)),
-    "Heun's method on the gradient flow, h=1 (2 gradients per call)",
-    grad_fn=True,
-  ),
-  "rk23": Row(
-    lambda: __import__("optaxderived").as_transformation(
-      __import__("optaxderived").rk23(0.5, rtol=1e-2, atol=1e-3, max_step_size=2.0)
-    ),
-    "adaptive RK23, h≤2 (4 gradients per call; a rejected call leaves the params)",
-    grad_fn=True,
-  ),
-  "adamw": Row(lambda: optax.adamw(3e-3, weight_decay=1e-2), "optax baseline for derive"),
   "derive": Row(
-    lambda: __import__("optaxderived").derive(
+    lambda: od.derive(
       3e-2,
       weight_decay=1e-2,
       exclude_from_weight_decay="bias",
@@ -101,13 +89,21 @@ ROWS: dict[str, Row] = {
       clip=1.0,
     ),
     "clip + adam + wd + layer adaptation + warmup/decay + lookahead + EMA",
-    eval_params=lambda opt_state, params: __import__("optaxderived").ema_params(
-      opt_state, params
-    ),
+    eval_params=lambda opt_state, params: od.ema_params(opt_state, params),
   ),
   "adam+eg_gains": Row(
-    lambda: __import__("optaxderived").eg_step_size(optax.adam(3e-3), 0.05),
+    lambda: od.eg_step_size(optax.adam(3e-3), 0.05),
     "adam with EG step-size adaptation: a gain per leaf, γ=0.05 (cosine, clipped)",
+  ),
+  "heun": Row(
+    lambda: od.as_transformation(od.heun(1.0)),
+    "Heun's method on the gradient flow, h=1 (2 gradients per call)",
+    grad_fn=True,
+  ),
+  "rk23": Row(
+    lambda: od.as_transformation(od.rk23(0.5, rtol=1e-2, atol=1e-3, max_step_size=2.0)),
+    "adaptive RK23, h≤2 (4 gradients per call; a rejected call leaves the params)",
+    grad_fn=True,
   ),
 }
 
@@ -217,15 +213,19 @@ def plot(results: list[dict], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for r in results:
+  fig, ax = plt.subplots(figsize=(10, 5))
+  colors = plt.cm.tab20(np.linspace(0, 1, 20))
+  for i, r in enumerate(results):
     window = max(1, len(r["losses"]) // 50)
     smooth = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
-    ax.plot(r["examples"][window - 1 :] / 1000, smooth, label=r["name"])
+    style = "--" if r["note"].startswith("optax baseline") else "-"
+    ax.plot(
+      r["examples"][window - 1 :] / 1000, smooth, style, color=colors[i % 20], label=r["name"]
+    )
   ax.set(xlabel="training examples seen (thousands)", ylabel="train loss (smoothed)")
   ax.set_yscale("log")
-  ax.set_title("optaxderived demo: Flax NNX MLP on digits")
-  ax.legend()
+  ax.set_title("optaxderived demo: Flax NNX MLP on digits (dashed: optax baselines)")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

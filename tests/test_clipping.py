@@ -174,7 +174,17 @@ def test_infinite_max_norm_disables_clipping():
   for soft in (False, True):
     updates, state = clip(grads, float("inf"), soft=soft, scope="row")
     assert_trees_close(updates, grads)
-    assert float(state.clipped_fraction) == (1.0 if soft else 0.0)
+    assert float(state.clipped_fraction) == 0.0  # every factor is exactly 1
+
+
+def test_overflowing_units_keep_their_norm_next_to_a_nan():
+  grads = {"a": jnp.array([[3e20, 4e20], [jnp.nan, 1.0]]), "b": jnp.array([[6e20, 8e20]])}
+  for scope in ("row", "leaf"):
+    updates, _ = clip(grads, 1.0, soft=False, scope=scope)
+    np.testing.assert_allclose(updates["b"], [[0.6, 0.8]], rtol=1e-6)
+  updates, _ = clip(grads, 1.0, soft=False, scope="row")
+  np.testing.assert_allclose(updates["a"][0], [0.6, 0.8], rtol=1e-6)
+  assert np.all(np.isnan(updates["a"][1]))
 
 
 # ---------------------------------------------------------------------------------------------

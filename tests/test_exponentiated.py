@@ -415,6 +415,24 @@ def test_eg_plus_minus_init_and_validation():
     tx.update(params, tx.init(params))
 
 
+def test_eg_plus_minus_bf16_starts_exactly_at_the_params():
+  params = {"w": jnp.array([1.0, 0.3, -0.7, 3.0], jnp.bfloat16)}
+  tx = od.eg_plus_minus(0.1)
+  state = tx.init(params)
+  np.testing.assert_array_equal(state.u["w"] - state.v["w"], params["w"].astype(jnp.float32))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  np.testing.assert_array_equal(optax.apply_updates(params, updates)["w"], params["w"])
+
+
+def test_eg_simplex_stays_on_the_simplex_in_bf16():
+  p = jnp.array([[0.25, 0.25, 0.5]], jnp.bfloat16)
+  tx = od.exponentiated_gradient(1.0, simplex_axis=-1)
+  updates, _ = tx.update(jnp.array([[100.0, 100.0, 0.0]], jnp.bfloat16), tx.init(p), p)
+  new = optax.apply_updates(p, updates).astype(jnp.float32)
+  np.testing.assert_allclose(new.sum(-1), 1.0, atol=2**-7)
+  assert np.all(np.asarray(new) > 0)
+
+
 def test_eg_plus_minus_bf16_params_track_the_float32_state():
   params = {"w": jnp.array([0.3, -0.2, 0.0, 1.0], jnp.bfloat16)}
   grads = {"w": jnp.asarray(np.random.default_rng(7).normal(size=(50, 4)), jnp.bfloat16)}

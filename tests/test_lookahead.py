@@ -245,7 +245,7 @@ def test_state_fields_and_accessor_inside_wrappers():
   assert optax.tree.get(state, "slow") is state.slow
   # Anywhere inside a chain or a wrapper state; the outermost one is read.
   chained = optax.chain(optax.clip(1.0), optax.inject_hyperparams(optax.scale)(1.0), tx)
-  assert od.lookahead_params(chained.init(params)) is not None
+  assert_trees_close(od.lookahead_params(chained.init(params)), params)
   inner = od.lookahead(optax.sgd(0.1), 2, 0.5)
   nested = od.lookahead(inner, 3, 0.5).init({"x": jnp.ones(1)})
   assert od.lookahead_params(nested) is nested.slow

@@ -170,6 +170,7 @@ def test_bf16_stays_bf16_and_multiplies_in_float32():
     ({"rules": ["kernel"]}, "must map patterns to values"),
     ({"rules": 0.1}, "must be a mapping"),
     ({"rules": {}, "default": float("nan")}, "default must be in"),
+    ({"rules": {"kernel": jnp.ones(3)}}, "must be a scalar or a schedule, got shape"),
   ],
 )
 def test_scale_by_path_rejects_bad_rules(kwargs, message):

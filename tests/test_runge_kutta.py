@@ -790,3 +790,43 @@ def test_invalid_calls():
   stepper = od.rk23(0.1, fsal=True)
   with pytest.raises(ValueError, match="cannot keep aux"):
     stepper.step(lambda p: (loss_fn(p), 0.0), params, stepper.init(params), has_aux=True)
+
+
+def test_a_non_finite_step_is_rejected_even_at_min_step_size():
+  loss = lambda p: jnp.sum(jnp.cosh(10.0 * p))
+  stepper = od.rk45(10.0, min_step_size=10.0)
+  new, state, info = stepper.step(loss, jnp.ones(3), stepper.init(jnp.ones(3)))
+  assert not bool(info.accepted)
+  np.testing.assert_array_equal(new, jnp.ones(3))
+  assert np.isfinite(state.prev_error) and np.isfinite(state.step_size)
+
+
+def test_as_transformation_refuses_fsal():
+  with pytest.raises(ValueError, match="cannot reuse the last stage"):
+    od.as_transformation(od.rk45(0.1, fsal=True))
+
+
+@pytest.mark.parametrize("make, scipy_cls", [(od.rk23, RK23), (od.rk45, RK45)])
+def test_the_i_controller_equals_scipy_over_many_steps(make, scipy_cls, x64):
+  """Accepted steps and step sizes, rejections included, against scipy.integrate."""
+
+  def unflatten(y):
+    return {"a": jnp.asarray(y[:3]), "b": jnp.asarray(y[3:]).reshape(2, 2)}
+
+  def flatten(tree):
+    return np.concatenate([np.ravel(v) for v in to_numpy(tree).values()])
+
+  y0 = flatten(make_params())
+  flow = lambda t, y: -flatten(numpy_grad(to_numpy(unflatten(y))))
+  reference = scipy_cls(flow, 0.0, y0, t_bound=1e9, first_step=3.0, rtol=1e-3, atol=1e-4)
+  stepper = make(3.0, rtol=1e-3, atol=1e-4, controller="i")
+  step = jax.jit(functools.partial(stepper.step, loss_fn))
+  params, state = unflatten(y0), stepper.init(unflatten(y0))
+  for _ in range(8):
+    reference.step()
+    params, state, info = step(params, state)
+    while not bool(info.accepted):
+      params, state, info = step(params, state)
+    np.testing.assert_allclose(flatten(params), reference.y, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(state.step_size, reference.h_abs, rtol=1e-12)
+  assert int(state.num_rejected) > 0
