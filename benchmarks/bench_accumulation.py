@@ -7,6 +7,7 @@ import optax
 
 import optaxderived as od
 from benchmarks.harness import Case
+from benchmarks.harness import all_checks
 from benchmarks.harness import check_close
 from benchmarks.harness import tx_subject
 
@@ -36,14 +37,6 @@ def _check_first_window(k, lr):
   return check
 
 
-def _both(*checks):
-  def check(params, batch):
-    for c in checks:
-      c(params, batch)
-
-  return check
-
-
 def cases() -> list[Case]:
   ours = tx_subject("od.accumulate(optax.adam(1e-3), 4)", od.accumulate(optax.adam(1e-3), 4))
   multi = tx_subject(
@@ -59,7 +52,7 @@ def cases() -> list[Case]:
       multi,
       cycle=4,
       target=0.8,
-      check=_both(_check_first_window(4, 1e-3), check_close(ours, multi, cycle=8)),
+      check=all_checks(_check_first_window(4, 1e-3), check_close(ours, multi, cycle=8)),
     ),
     Case(
       "accumulate_clip_adamw_k8",

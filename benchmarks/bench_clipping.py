@@ -10,6 +10,7 @@ import optax
 
 import optaxderived as od
 from benchmarks.harness import Case
+from benchmarks.harness import all_checks
 from benchmarks.harness import check_close
 from benchmarks.harness import tx_subject
 
@@ -47,14 +48,6 @@ def _check_clip(soft: bool, scope: str):
   return check
 
 
-def _both(*checks):
-  def check(params, grads):
-    for c in checks:
-      c(params, grads)
-
-  return check
-
-
 BASELINE = "chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))"
 
 
@@ -78,7 +71,7 @@ def cases() -> list[Case]:
       hard_global,
       _baseline(),
       target=1.05,
-      check=_both(_check_clip(False, "global"), check_close(hard_global, _baseline())),
+      check=all_checks(_check_clip(False, "global"), check_close(hard_global, _baseline())),
     ),
     Case(
       "clip_norm_global_soft",

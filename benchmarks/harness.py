@@ -220,6 +220,16 @@ def check_close(
   return check
 
 
+def all_checks(*checks: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+  """One check that runs each of ``checks`` in turn."""
+
+  def check(params, batch):
+    for c in checks:
+      c(params, batch)
+
+  return check
+
+
 def _mib(n: int) -> str:
   return f"{n / 2**20:.1f}"
 

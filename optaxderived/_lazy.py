@@ -70,7 +70,7 @@ class LazyState(NamedTuple):
   """State of :func:`lazy`.
 
   Attributes:
-    touched_rows: int32 scalar, the number of rows the last update changed, over the leaves
+    touched_rows: int32 scalar, the number of rows the last update touched, over the leaves
       that :func:`lazy` masks and the ``RowSparse`` leaves (a leaf with ``ndim <= 1`` counts
       as one row); for logging.
     inner_state: the inner optimizer's state, kept as it is (no second copy), so
@@ -128,7 +128,7 @@ def _dedupe(indices: jax.Array, values: jax.Array, num_rows: int):
   n = indices.shape[0]
   indices = _canonical_indices(indices, num_rows)
   keys = jnp.sort(indices)
-  first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]])
+  first = jnp.ones((n,), bool).at[1:].set(keys[1:] != keys[:-1])  # n = 0 works too
   unique = jnp.full((n,), num_rows, indices.dtype).at[jnp.cumsum(first) - 1].set(keys)
   slot = jnp.searchsorted(unique, indices, side="left", method="scan_unrolled")
   acc_dtype = jnp.promote_types(values.dtype, jnp.float32)
@@ -187,12 +187,15 @@ def _state_plans(inner, state, plan_tree, why: str) -> Any:
   param's plan (found as ``optax.tree_map_params`` finds them), every other leaf
   ``_NOT_PARAM``."""
   try:
+    # A MaskedNode (the state of a leaf that optax.masked / partition leaves out) is a
+    # whole subtree with no leaves: it gets _NOT_PARAM as a unit.
     return optax.tree_map_params(
       inner,
-      lambda _, plan: plan,
+      lambda s, plan: _NOT_PARAM if isinstance(s, optax.MaskedNode) else plan,
       state,
       plan_tree,
       transform_non_params=lambda _: _NOT_PARAM,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
   except Exception as e:  # the inner init could not run on optax's params placeholder
     raise ValueError(
@@ -329,7 +332,7 @@ def lazy(
   explicitly (duplicates summed, out-of-range indices are padding). Its rows of the params
   and of the inner state are gathered, the inner optimizer runs on them alone and the new
   state rows are scattered back; the update comes out as a ``RowSparse`` on the unique
-  rows, for :func:`apply_updates`. The step costs :math:`O(n)` in the ``n`` given rows, not
+  rows, for :func:`apply_updates`. The step costs :math:`O(n \log n)` in the ``n`` given rows, not
   :math:`O(\text{rows})`, and untouched rows keep their state whatever ``freeze_state`` says
   (a row given with an all-zero value counts as touched). It needs ``params`` and an
   elementwise inner optimizer (sgd, momentum, rmsprop, adagrad, adam, adamw, lion, ...):
@@ -438,7 +441,9 @@ def lazy(
       state_plans = _state_plans(inner, inner_state, treedef.unflatten(plans), why)
 
       def check_shape(plan, s):
-        if plan.kind != "plain" and jnp.shape(s) != plan.shape:
+        # only state merged row by row must be shaped like its param
+        needed = plan.kind == "sparse" or (plan.kind == "masked" and freeze_state)
+        if needed and jnp.shape(s) != plan.shape:
           raise ValueError(
             f"od.lazy: {why} needs inner state leaves shaped like their params, but the "
             f"state of {plan.path} has shape {list(jnp.shape(s))} for a param of shape "
@@ -451,7 +456,11 @@ def lazy(
       gather = lambda plan, s: _gather_rows(s, plan.rows) if plan.kind == "sparse" else s
       inner_state = jax.tree.map(gather, state_plans, inner_state)
       row_updates = treedef.unflatten([plan.kind == "sparse" for plan in plans])
-      row_state = jax.tree.map(lambda plan, _: plan.kind == "sparse", state_plans, inner_state)
+      row_state = jax.tree.map(  # the flags mirror the state's leaves (none in a MaskedNode)
+        lambda plan, s: jax.tree.map(lambda _: plan.kind == "sparse", s),
+        state_plans,
+        inner_state,
+      )
       _check_elementwise(
         inner,
         (inner_updates, inner_state, inner_params),
@@ -464,10 +473,9 @@ def lazy(
     )
 
     out, touched = [], jnp.zeros([], jnp.int32)
-    for plan, g, u in zip(plans, leaves, treedef.flatten_up_to(new_updates), strict=True):
+    for plan, u in zip(plans, treedef.flatten_up_to(new_updates), strict=True):
       if plan.kind == "sparse":
-        values = jnp.asarray(g.values)
-        u = jnp.asarray(u).astype(values.dtype)
+        u = jnp.asarray(u)  # the inner's dtype, as on the dense path
         valid = _broadcast_mask(plan.rows < plan.shape[0], u)
         out.append(RowSparse(plan.rows, jnp.where(valid, u, jnp.zeros_like(u))))
         touched += jnp.sum(plan.rows < plan.shape[0], dtype=jnp.int32)

@@ -742,3 +742,58 @@ def test_property_row_sparse_equals_dense_lazy_adam(idx1, idx2, magnitudes, sign
   )
   assert_trees_close(p1, p2, rtol=1e-5, atol=1e-6)
   assert_trees_close(s1, s2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("freeze_state", [False, True])
+def test_an_inner_multi_transform_with_masked_state(freeze_state):
+  """optax.multi_transform (MaskedNode in its state) is the usual way to give embeddings
+  their own optimizer; lazy must find its param-shaped state through it."""
+  params, grads_seq = make_params(), make_grads()
+  labels = {"embed": "a", "dense": {"kernel": "a", "bias": "a"}}
+  tx = od.lazy(
+    optax.multi_transform({"a": optax.adam(0.05)}, labels), freeze_state=freeze_state
+  )
+  final, _, _ = run_scan(tx, params, stack(grads_seq))
+  ref = np_lazy_adam(
+    params,
+    grads_seq,
+    lr=0.05,
+    freeze=freeze_state,
+    lazy_leaves={"embed", "dense/kernel", "dense/bias"},
+  )
+  assert_trees_close(final, ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_row_sparse_next_to_frozen_dense_leaves():
+  params, grads_seq = make_params(), make_grads()
+  rng = np.random.default_rng(11)
+  seq = [{**g, "embed": to_row_sparse(g["embed"], rng)} for g in grads_seq]
+  p, _, _ = run_steps(od.lazy(optax.adam(0.05), freeze_state=True), params, seq)
+  ref = np_lazy_adam(
+    params, grads_seq, lr=0.05, freeze=True, lazy_leaves={"embed", "dense/kernel", "dense/bias"}
+  )
+  assert_trees_close(p, ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_row_sparse_gradient_is_a_no_op():
+  params = {"embed": jnp.ones((4, 2))}
+  tx = od.lazy(optax.adam(0.1))
+  empty = {"embed": od.RowSparse(jnp.zeros((0,), jnp.int32), jnp.zeros((0, 2)))}
+  updates, _ = tx.update(empty, tx.init(params), params)
+  np.testing.assert_array_equal(od.apply_updates(params, updates)["embed"], params["embed"])
+
+
+def test_sparse_and_dense_paths_agree_in_mixed_precision():
+  params = {"embed": jnp.asarray(np.random.default_rng(3).normal(size=(6, 3)), jnp.float32)}
+  dense = np.zeros((6, 3), np.float32)
+  dense[[1, 4]] = np.random.default_rng(4).normal(size=(2, 3))
+  dense_grad = {"embed": jnp.asarray(dense, jnp.bfloat16)}
+  sparse_grad = {
+    "embed": od.RowSparse(jnp.array([1, 4]), dense_grad["embed"][jnp.array([1, 4])])
+  }
+  tx = od.lazy(optax.adam(0.1), freeze_state=True)
+  u_dense, _ = tx.update(dense_grad, tx.init(params), params)
+  u_sparse, _ = tx.update(sparse_grad, tx.init(params), params)
+  np.testing.assert_array_equal(
+    od.apply_updates(params, u_sparse)["embed"], optax.apply_updates(params, u_dense)["embed"]
+  )
