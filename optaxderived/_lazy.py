@@ -331,12 +331,12 @@ def lazy(
   **Row-sparse gradients.** A :class:`RowSparse` leaf of ``updates`` names its rows
   explicitly (duplicates summed, out-of-range indices are padding). Its rows of the params
   and of the inner state are gathered, the inner optimizer runs on them alone and the new
-  state rows are scattered back; the update comes out as a ``RowSparse`` on the unique
-  rows, for :func:`apply_updates`. The step costs :math:`O(n \log n)` in the ``n`` given rows, not
+  state rows are scattered back; the update comes out as a ``RowSparse`` on the unique rows,
+  for :func:`apply_updates`. The step costs :math:`O(n \log n)` in the ``n`` given rows, not
   :math:`O(\text{rows})`, and untouched rows keep their state whatever ``freeze_state`` says
   (a row given with an all-zero value counts as touched). It needs ``params`` and an
-  elementwise inner optimizer (sgd, momentum, rmsprop, adagrad, adam, adamw, lion, ...):
-  an inner update that reduces over the rows (global norms, trust ratios, factored moments)
+  elementwise inner optimizer (sgd, momentum, rmsprop, adagrad, adam, adamw, lion, ...): an
+  inner update that reduces over the rows (global norms, trust ratios, factored moments)
   raises ``ValueError`` when traced. On the rows it touches, the sparse path equals the
   dense path with ``freeze_state=True`` on the equivalent dense gradient.
 
