@@ -74,6 +74,12 @@ from optaxderived._runge_kutta import rk4
 from optaxderived._runge_kutta import rk45
 from optaxderived._runge_kutta import runge_kutta
 
+# Regularizers from the posts (gradient penalty, virtual adversarial training).
+from optaxderived._regularizers import gradient_penalty
+from optaxderived._regularizers import rademacher_gradient_penalty
+from optaxderived._regularizers import vat_loss
+from optaxderived._regularizers import vat_perturbation
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -138,4 +144,9 @@ __all__ = (
   "rk4",
   "rk45",
   "runge_kutta",
+  # Regularizers from the posts (gradient penalty, virtual adversarial training).
+  "gradient_penalty",
+  "rademacher_gradient_penalty",
+  "vat_loss",
+  "vat_perturbation",
 )

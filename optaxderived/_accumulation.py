@@ -174,6 +174,7 @@ def accumulate(
     )
 
   def update_fn(updates, state, params=None, *, weight=None, **extra_args):
+    _checks.check_same_tree("accumulate", updates, state.acc_grads, "params given to init")
     if weight is None:
       weight = jnp.ones([], weight_dtype)
     else:

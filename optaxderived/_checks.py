@@ -81,3 +81,14 @@ def require_params(params: Any, transformation: str) -> None:
     raise ValueError(
       f"{transformation} needs the current params: call update(updates, state, params)"
     )
+
+
+def check_same_tree(transformation: str, updates: Any, other: Any, what: str) -> None:
+  """Raises ``ValueError`` naming ``transformation`` when ``updates`` and ``other`` (the
+  params, or a state tree shaped like them) do not have the same tree structure."""
+  want, got = jax.tree.structure(other), jax.tree.structure(updates)
+  if got != want:
+    raise ValueError(
+      f"{transformation}: the updates do not have the tree structure of the {what}: "
+      f"{got} vs {want}"
+    )

@@ -88,6 +88,7 @@ def weight_decay(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _checks.require_params(params, "od.weight_decay")
+    _checks.check_same_tree("od.weight_decay", updates, params, "params")
     r = rate(state.count) if callable(rate) else rate
     excluded = _paths.match_tree(compiled, updates, argname="exclude")
     updates = jax.tree.map(
@@ -138,8 +139,16 @@ def layer_adaptation(*, exclude: _paths.Patterns = ()) -> optax.GradientTransfor
   mask = _excluded_mask(exclude, "exclude")
   trust_ratio = optax.scale_by_trust_ratio()
   if mask is not None:
-    return optax.masked(trust_ratio, mask)
-  return optax.with_extra_args_support(trust_ratio)
+    inner = optax.masked(trust_ratio, mask)
+  else:
+    inner = optax.with_extra_args_support(trust_ratio)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _checks.require_params(params, "od.layer_adaptation")
+    _checks.check_same_tree("od.layer_adaptation", updates, params, "params")
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def piecewise_linear(points: Mapping[int, float], scale: float = 1.0) -> optax.Schedule:

@@ -82,12 +82,6 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_same_structure(name: str, what: str, a: Any, b: Any) -> None:
-  sa, sb = jax.tree.structure(a), jax.tree.structure(b)
-  if sa != sb:
-    raise ValueError(f"{name}: the {what} do not have the same tree structure: {sa} vs {sb}")
-
-
 def _log_min_factor(*arrays: Any) -> float:
   """The log of the smallest per-step factor ``θ_new / θ`` that keeps ``θ + u`` positive.
 
@@ -240,7 +234,7 @@ def exponentiated_gradient(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _checks.require_params(params, "exponentiated_gradient")
-    _check_same_structure("exponentiated_gradient", "updates and params", updates, params)
+    _checks.check_same_tree("exponentiated_gradient", updates, params, "params")
     lr = _value(learning_rate, state.count)
 
     def leaf(g, p):
@@ -364,7 +358,7 @@ def eg_plus_minus(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _checks.require_params(params, "eg_plus_minus")
-    _check_same_structure("eg_plus_minus", "updates and params", updates, params)
+    _checks.check_same_tree("eg_plus_minus", updates, params, "params")
     lr = _value(learning_rate, state.count)
     exponent = jax.tree.map(
       lambda g, u: jnp.asarray(lr, u.dtype) * g.astype(u.dtype), updates, state.u
@@ -557,7 +551,7 @@ def eg_step_size(
     return jnp.clip(gain * jnp.exp(e), low, high)
 
   def update_fn(updates, state, params=None, **extra_args):
-    _check_same_structure("eg_step_size", "updates and params", updates, state.prev_updates)
+    _checks.check_same_tree("eg_step_size", updates, state.prev_updates, "params given to init")
     gamma = _value(meta_learning_rate, state.count)
     if granularity == "element":
       gains = jax.tree.map(

@@ -119,6 +119,8 @@ def lookahead(
 
   def update_fn(updates, state, params=None, **extra_args):
     _checks.require_params(params, "lookahead")
+    # before the inner update, whose own error would not name lookahead
+    _checks.check_same_tree("lookahead", updates, params, "params")
     fast_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     alpha = slow_step_size(state.step) if callable(slow_step_size) else slow_step_size
     step = optax.safe_increment(state.step)

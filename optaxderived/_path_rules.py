@@ -50,6 +50,10 @@ def _rule_items(rules: Any, argname: str) -> list[tuple[Any, tuple[re.Pattern, .
 
 def _masks(items, tree: Any, argname: str, strict: bool) -> list[list[bool]]:
   """For each rule, the leaves (in ``jax.tree.leaves`` order) that its patterns search."""
+  if not jax.tree.leaves(tree):
+    # Nothing to match, nothing to warn about (e.g. the placeholder that
+    # ``optax.tree_map_params`` passes to ``init`` to find the param-shaped state).
+    return [[] for _ in items]
   return [
     jax.tree.leaves(_paths.match_tree(compiled, tree, argname=argname, strict=strict))
     for _, compiled, _ in items
@@ -272,9 +276,16 @@ def transform_by_path(
         _shadowed(key, matched, strict)
     return treedef.unflatten(labels)
 
-  return optax.partition(
+  partition = optax.partition(
     transforms, labels_fn, mask_compatible_extra_args=mask_compatible_extra_args
   )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:
+      _checks.check_same_tree("transform_by_path", updates, params, "params")
+    return partition.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(partition.init, update_fn)
 
 
 def _shadowed(key: Any, matched: list[str], strict: bool) -> None:

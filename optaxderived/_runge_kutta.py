@@ -888,6 +888,7 @@ def as_transformation(stepper: Stepper) -> optax.GradientTransformationExtraArgs
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
     _checks.require_params(params, "as_transformation")
+    _checks.check_same_tree("as_transformation", updates, params, "params")
     if grad_fn is None and stepper.num_stages > 1:
       raise ValueError(
         "as_transformation needs grad_fn=: update(grads, state, params, grad_fn=g) "

@@ -305,7 +305,7 @@ def test_bad_inner_and_missing_params_and_mismatched_trees_raise():
   state = tx.init({"a": jnp.ones(2)})
   with pytest.raises(ValueError, match="lookahead needs the current params"):
     tx.update({"a": jnp.ones(2)}, state)
-  with pytest.raises(ValueError, match="lookahead: the updates, params and slow weights"):
+  with pytest.raises(ValueError, match="lookahead: the updates do not have the tree structure"):
     tx.update({"a": jnp.ones(2)}, state, {"a": jnp.ones(2), "b": jnp.ones(1)})
 
 
