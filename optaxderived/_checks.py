@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 
-def _concrete(value: Any) -> float | None:
+def concrete_scalar(value: Any) -> float | None:
+  """A concrete real scalar as a float; None for a schedule, a traced value or an array."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
   array = np.asarray(value)
@@ -38,7 +39,7 @@ def check_range(
     ...
     ValueError: decay must be in [0.0, 1.0), got 1.0
   """
-  x = _concrete(value)
+  x = concrete_scalar(value)
   if x is None:
     return
   if (
@@ -50,7 +51,7 @@ def check_range(
 
 def check_positive(name: str, value: Any) -> None:
   """Raises ``ValueError`` unless a concrete ``value`` is > 0 (schedules pass)."""
-  x = _concrete(value)
+  x = concrete_scalar(value)
   if x is not None and not x > 0:
     raise ValueError(f"{name} must be > 0, got {value!r}")
 

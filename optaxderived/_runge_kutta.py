@@ -311,7 +311,7 @@ class Stepper:
     _checks.check_positive("learning_rate", self.learning_rate)
     _checks.check_range("rtol", self.rtol, low=0.0)
     _checks.check_range("atol", self.atol, low=0.0)
-    if _is_zero(self.rtol) and _is_zero(self.atol):
+    if _checks.concrete_scalar(self.rtol) == 0.0 and _checks.concrete_scalar(self.atol) == 0.0:
       raise ValueError(
         f"rtol and atol cannot both be 0, got rtol={self.rtol}, atol={self.atol}"
       )
@@ -322,7 +322,10 @@ class Stepper:
     _checks.check_range("min_step_size", self.min_step_size, low=0.0)
     if self.max_step_size is not None:
       _checks.check_positive("max_step_size", self.max_step_size)
-      low, high = _checks._concrete(self.min_step_size), _checks._concrete(self.max_step_size)
+      low, high = (
+        _checks.concrete_scalar(self.min_step_size),
+        _checks.concrete_scalar(self.max_step_size),
+      )
       if low is not None and high is not None and high < low:
         raise ValueError(
           f"max_step_size must be >= min_step_size = {self.min_step_size}, "
@@ -339,7 +342,9 @@ class Stepper:
           "learning_rate must be a number when adaptive=True (it is the initial step "
           f"size; the controller picks the next ones), got {self.learning_rate!r}"
         )
-    elif not (_is_zero(self.min_step_size) and self.max_step_size is None):
+    elif not (
+      _checks.concrete_scalar(self.min_step_size) == 0.0 and self.max_step_size is None
+    ):
       raise ValueError(
         "min_step_size and max_step_size bound adaptive steps: pass adaptive=True, got "
         f"min_step_size={self.min_step_size!r}, max_step_size={self.max_step_size!r}"
@@ -607,13 +612,6 @@ class Stepper:
       accepted, jnp.maximum(error, PI_MIN_PREV_ERROR).astype(dtype), state.prev_error
     )
     return step_size, prev_error
-
-
-def _is_zero(value: Any) -> bool:
-  try:
-    return float(value) == 0.0
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return False
 
 
 def runge_kutta(
