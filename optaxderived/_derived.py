@@ -27,16 +27,6 @@ class WeightDecayState(NamedTuple):
   count: jax.Array
 
 
-def _excluded_mask(exclude: _paths.Patterns, argname: str):
-  """``params -> bool pytree``, True where a leaf is NOT excluded (None: no exclusion)."""
-  compiled = _paths.compile_patterns(exclude, argname=argname)
-  if not compiled:
-    return None
-  return lambda params: jax.tree.map(
-    lambda excluded: not excluded, _paths.match_tree(compiled, params, argname=argname)
-  )
-
-
 def weight_decay(
   rate: optax.ScalarOrSchedule = 0.01, *, exclude: _paths.Patterns = ()
 ) -> optax.GradientTransformationExtraArgs:
@@ -111,7 +101,8 @@ def layer_adaptation(*, exclude: _paths.Patterns = ()) -> optax.GradientTransfor
 
   so after the learning-rate scaling each layer moves by :math:`\eta\lVert\theta\rVert`: only
   the direction comes from the base optimizer. This is LAMB's trust ratio without a clamp
-  (``optax.scale_by_trust_ratio()``, which it reuses), with what ``optax.lamb`` lacks:
+  (``optax.scale_by_trust_ratio()``, with the norms in at least float32, each reduced once),
+  with what ``optax.lamb`` lacks:
   ``exclude`` patterns for the leaves (LayerNorm scales, biases) that pass unchanged. Place it
   after the base optimizer and weight decay, before the learning rate.
 
@@ -136,19 +127,29 @@ def layer_adaptation(*, exclude: _paths.Patterns = ()) -> optax.GradientTransfor
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76 minutes
     <https://arxiv.org/abs/1904.00962>`_, 2020.
   """
-  mask = _excluded_mask(exclude, "exclude")
-  trust_ratio = optax.scale_by_trust_ratio()
-  if mask is not None:
-    inner = optax.masked(trust_ratio, mask)
-  else:
-    inner = optax.with_extra_args_support(trust_ratio)
+  compiled = _paths.compile_patterns(exclude, argname="exclude")
+
+  def scale(u, p):
+    # Plain norms rather than optax.safe_norm (which scale_by_trust_ratio uses): safe_norm
+    # reduces each array twice, through a materialised copy, to keep its *gradient* finite at
+    # 0, and nothing differentiates an optimizer step. That made this 2.2x adamw, not 1.6x.
+    dtype = jnp.promote_types(jnp.float32, jnp.result_type(u, p))
+    p_norm = jnp.sqrt(jnp.sum(jnp.square(p.astype(dtype))))
+    u_norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(dtype))))
+    ratio = jnp.where((p_norm == 0) | (u_norm == 0), 1, p_norm / u_norm)
+    return (ratio * u).astype(u.dtype)
 
   def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     _checks.require_params(params, "od.layer_adaptation")
     _checks.check_same_tree("od.layer_adaptation", updates, params, "params")
-    return inner.update(updates, state, params, **extra_args)
+    excluded = _paths.match_tree(compiled, updates, argname="exclude")
+    updates = jax.tree.map(
+      lambda u, p, skip: u if skip else scale(u, p), updates, params, excluded
+    )
+    return updates, state
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def piecewise_linear(points: Mapping[int, float], scale: float = 1.0) -> optax.Schedule:
