@@ -2,6 +2,7 @@
 (§1, §2, §3), NumPy references, exclusions by path, dtypes and validation."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -161,6 +162,29 @@ def test_layer_adaptation_matches_numpy_and_keeps_zero_norm_leaves():
     )
   assert_trees_close(updates["zero_param"], grads["zero_param"])
   assert_trees_close(updates["zero_update"], grads["zero_update"])
+
+
+def _count_reductions(jaxpr) -> int:
+  """``reduce_sum`` equations in a jaxpr and the jaxprs it calls, each call counted."""
+  return sum(
+    (eqn.primitive.name == "reduce_sum")
+    + sum(_count_reductions(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+    for eqn in jaxpr.eqns
+  )
+
+
+def test_layer_adaptation_reduces_each_array_once():
+  """Two reductions per adapted leaf, its param's and its update's norm: optax's
+  scale_by_trust_ratio (safe_norm) takes four, through a materialised copy, which made the
+  derive recipe 1.4x slower."""
+  params = {"a": jnp.ones((4, 5)), "b": jnp.ones(3), "bias": jnp.ones(3)}
+  tx = od.layer_adaptation(exclude="bias")
+  assert (
+    _count_reductions(jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr) == 4
+  )
+  optax_tx = optax.masked(optax.scale_by_trust_ratio(), {"a": True, "b": True, "bias": False})
+  jaxpr = jax.make_jaxpr(optax_tx.update)(params, optax_tx.init(params), params).jaxpr
+  assert _count_reductions(jaxpr) == 8  # what this test guards against
 
 
 def test_weight_decay_schedule_counts_updates_and_keeps_bf16():
