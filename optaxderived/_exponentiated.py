@@ -165,12 +165,15 @@ def exponentiated_gradient(
     \theta_{t+1} = \theta_t \odot \exp(-\eta_t g_t).
 
   With ``simplex_axis``, each slice along those axes is kept on the probability simplex
-  (mirror descent with the negative entropy, a KL-proximal step), computed in log space:
+  (mirror descent with the negative entropy, a KL-proximal step), a softmax:
 
   .. math::
 
     \theta_{t+1} = \operatorname{softmax}(\log\theta_t - \eta_t g_t)
-    = \frac{\theta_t \odot e^{-\eta_t g_t}}{\sum_j \theta_{t,j} e^{-\eta_t g_{t,j}}}.
+    = \frac{\theta_t \odot e^{-\eta_t g_t - m}}{\sum_j \theta_{t,j} e^{-\eta_t g_{t,j} - m}},
+
+  with :math:`m` the slice's largest :math:`-\eta_t g_t`, so no exponential overflows and the
+  denominator is at least the slice's largest parameter.
 
   The emitted update is :math:`\theta_t \odot e^{r_t} - \theta_t` with
   :math:`r_t = \log\theta_{t+1} - \log\theta_t` (``-η g`` minus the log-normaliser); as
@@ -206,7 +209,7 @@ def exponentiated_gradient(
     >>> params = jnp.array([0.5, 0.5])
     >>> updates, state = tx.update(jnp.array([1.0, 0.0]), tx.init(params), params)
     >>> optax.apply_updates(params, updates)
-    Array([0.47502083, 0.5249792 ], dtype=float32)
+    Array([0.4750208, 0.5249792], dtype=float32)
 
   References:
     Kivinen and Warmuth, `Exponentiated Gradient versus Gradient Descent for Linear
@@ -243,17 +246,20 @@ def exponentiated_gradient(
       r = -jnp.asarray(lr, dtype) * g.astype(dtype)
       r_min = _log_min_factor(g, p)
       if axes is not None:
+        # softmax(log θ + r) = θ·e^{r−m} / Σ θ·e^{r−m}, with m the slice's largest r: no exp
+        # overflows, the sum is at least the largest θ, and one exp per entry instead of the
+        # four (a log and three exps) of the log-space form.
         leaf_axes = tuple(a % p.ndim for a in axes)
-        log_p = jnp.log(p32)
-        r = r - jax.nn.logsumexp(log_p + r, axis=leaf_axes, keepdims=True)
-        r = jnp.maximum(r, r_min)
+        e = jnp.exp(r - jnp.max(r, axis=leaf_axes, keepdims=True))
+        factor = e / jnp.sum(p32 * e, axis=leaf_axes, keepdims=True)
+        factor = jnp.maximum(factor, math.exp(r_min))
         # the floor may add mass: normalise once more so the slices stay on the simplex
-        r = r - jax.nn.logsumexp(log_p + r, axis=leaf_axes, keepdims=True)
+        factor = factor / jnp.sum(p32 * factor, axis=leaf_axes, keepdims=True)
       else:
-        r = jnp.maximum(r, r_min)
-      # exp, not expm1: the params get the same rounding (θ + u is rounded at θ's scale) and
-      # XLA's expm1 on CPU is twice as slow, which made the step compute-bound.
-      return (p32 * jnp.exp(r) - p32).astype(g.dtype)
+        # exp, not expm1: the params get the same rounding (θ + u is rounded at θ's scale)
+        # and XLA's expm1 on CPU is twice as slow, which made the step compute-bound.
+        factor = jnp.exp(jnp.maximum(r, r_min))
+      return (p32 * factor - p32).astype(g.dtype)
 
     updates = jax.tree.map(leaf, updates, params)
     return updates, ExponentiatedGradientState(count=optax.safe_increment(state.count))
