@@ -173,7 +173,7 @@ def exponentiated_gradient(
     = \frac{\theta_t \odot e^{-\eta_t g_t - m}}{\sum_j \theta_{t,j} e^{-\eta_t g_{t,j} - m}},
 
   with :math:`m` the slice's largest :math:`-\eta_t g_t`, so no exponential overflows and the
-  denominator is at least the slice's largest parameter.
+  denominator is at least the parameter where that exponent is largest.
 
   The emitted update is :math:`\theta_t \odot e^{r_t} - \theta_t` with
   :math:`r_t = \log\theta_{t+1} - \log\theta_t` (``-η g`` minus the log-normaliser); as
@@ -247,7 +247,7 @@ def exponentiated_gradient(
       r_min = _log_min_factor(g, p)
       if axes is not None:
         # softmax(log θ + r) = θ·e^{r−m} / Σ θ·e^{r−m}, with m the slice's largest r: no exp
-        # overflows, the sum is at least the largest θ, and one exp per entry instead of the
+        # overflows, the sum is at least the θ at the largest r, and one exp per entry instead of the
         # four (a log and three exps) of the log-space form.
         leaf_axes = tuple(a % p.ndim for a in axes)
         e = jnp.exp(r - jnp.max(r, axis=leaf_axes, keepdims=True))
