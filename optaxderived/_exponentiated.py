@@ -247,8 +247,8 @@ def exponentiated_gradient(
       r_min = _log_min_factor(g, p)
       if axes is not None:
         # softmax(log θ + r) = θ·e^{r−m} / Σ θ·e^{r−m}, with m the slice's largest r: no exp
-        # overflows, the sum is at least the θ at the largest r, and one exp per entry instead of the
-        # four (a log and three exps) of the log-space form.
+        # overflows, the sum is at least the θ at the largest r, and one exp per entry
+        # instead of the four (a log and three exps) of the log-space form.
         leaf_axes = tuple(a % p.ndim for a in axes)
         e = jnp.exp(r - jnp.max(r, axis=leaf_axes, keepdims=True))
         factor = e / jnp.sum(p32 * e, axis=leaf_axes, keepdims=True)
