@@ -42,7 +42,8 @@ def _axes(x: jax.Array, scope: str) -> tuple[int, ...] | None:
   return None
 
 
-def _sumsq(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
+def sum_of_squares(x: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+  """``Σ |x|²`` over ``axes`` (all by default), in at least float32, complex included."""
   x = _wide(x)
   if jnp.iscomplexobj(x):
     return jnp.sum(jnp.square(x.real) + jnp.square(x.imag), axis=axes)
@@ -68,7 +69,7 @@ def _unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], j
   and an infinite entry an infinite one, at the cost of one reduction in the common case.
   """
   axes = [None if scope == "global" else _axes(x, scope) for x in leaves]
-  sums = [_sumsq(x, a) for x, a in zip(leaves, axes, strict=True)]
+  sums = [sum_of_squares(x, a) for x, a in zip(leaves, axes, strict=True)]
   if scope == "row":
     # Without the barrier XLA turns sum(row sums) into a second reduction of x² and then
     # materialises x² for both (a leaf-sized temporary per leaf).
@@ -85,7 +86,7 @@ def _unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], j
     for x, a, s in zip(leaves, axes, sums, strict=True):
       x = _wide(x)
       e = jnp.finfo(x.real.dtype).maxexp // 2
-      scaled = jnp.sqrt(_sumsq(x * 2.0**-e, a)) * 2.0**e
+      scaled = jnp.sqrt(sum_of_squares(x * 2.0**-e, a)) * 2.0**e
       norms.append(jnp.where(jnp.isinf(s), scaled, jnp.sqrt(s)))
     norm = _stable_norm(norms)
     return ([norm] if scope == "global" else norms), norm

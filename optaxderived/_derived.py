@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from optaxderived import _checks
+from optaxderived import _clipping
 from optaxderived import _paths
 
 
@@ -133,9 +134,8 @@ def layer_adaptation(*, exclude: _paths.Patterns = ()) -> optax.GradientTransfor
     # Plain norms rather than optax.safe_norm (which scale_by_trust_ratio uses): safe_norm
     # reduces each array twice, through a materialised copy, to keep its *gradient* finite at
     # 0, and nothing differentiates an optimizer step. That made this 2.2x adamw, not 1.6x.
-    dtype = jnp.promote_types(jnp.float32, jnp.result_type(u, p))
-    p_norm = jnp.sqrt(jnp.sum(jnp.square(p.astype(dtype))))
-    u_norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(dtype))))
+    p_norm = jnp.sqrt(_clipping.sum_of_squares(p))
+    u_norm = jnp.sqrt(_clipping.sum_of_squares(u))
     ratio = jnp.where((p_norm == 0) | (u_norm == 0), 1, p_norm / u_norm)
     return (ratio * u).astype(u.dtype)
 

@@ -153,10 +153,15 @@ def test_layer_adaptation_matches_numpy_and_keeps_zero_norm_leaves():
     "zero_param": jnp.ones(3),
     "zero_update": jnp.zeros(3),
   }
+  params["complex"] = params["a"] + 1j * params["b"].reshape(4, 3)[:, :1]
+  grads["complex"] = grads["a"] - 2j * grads["a"]
   tx = od.layer_adaptation()
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-  for name in ("a", "b"):
-    p, g = np.asarray(params[name], np.float64), np.asarray(grads[name], np.float64)
+  for name in ("a", "b", "complex"):
+    p, g = (
+      np.asarray(x).astype(np.promote_types(x.dtype, np.float64))
+      for x in (params[name], grads[name])
+    )
     np.testing.assert_allclose(
       updates[name], g * np.linalg.norm(p) / np.linalg.norm(g), rtol=1e-5
     )
