@@ -225,9 +225,8 @@ class StepperState(NamedTuple):
     step_size: the ``h`` of the next step (float32, or float64 for float64 params).
     accepted: whether the last step was accepted (True before the first step and for every
       fixed step).
-    error: the scaled RMS error of the last step (NaN before the first step, for a
-      tableau without ``b_error``, and for fixed steps of ``od.BOSH3`` or ``od.DOPRI5``
-      without ``fsal=True``, which skip the last stage that only the estimate needs).
+    error: the scaled RMS error of the last step (NaN before the first step and for a
+      tableau without ``b_error``).
     prev_error: the PI controller's memory, ``max(error, 1e-4)`` of the last accepted step
       (1e-4 at init).
     num_rejected: rejected steps so far (int32).
@@ -262,9 +261,7 @@ class StepInfo(NamedTuple):
     accepted: whether the step was accepted (always True for fixed steps).
     error: the scaled RMS norm of the embedded error estimate,
       ``rms(e / (atol + rtol * max(|θ₀|, |θ₁|)))``; the step is accepted when it is ≤ 1.
-      NaN for a tableau without ``b_error`` and for fixed steps of a first-same-as-last
-      tableau without ``fsal=True`` (they skip the last stage, which only the estimate
-      needs).
+      NaN for a tableau without ``b_error``.
   """
 
   loss: jax.Array
@@ -515,24 +512,18 @@ class Stepper:
 
       return jax.tree.map(leaf, params, increment)
 
-    # The last stage of a first-same-as-last tableau is evaluated at the step's result, where
-    # only the error estimate and the reuse need it: fixed steps without reuse skip it.
-    skip_last = tableau.fsal and not self.adaptive and state.fsal_valid is None
-    rows = tableau.a[:-1] if skip_last else tableau.a
     grads = [grads0]
     increment = last_loss = None
-    for row in rows:
+    for row in tableau.a:
       increment = self._increment(params, h, row, grads)
       stage_grads, last_loss = stage_fn(point(increment, cast=True))
       grads.append(stage_grads)
-    if skip_last:  # the last stage's point is the solution (b is that row, then 0)
-      increment = self._increment(params, h, tableau.a[-1], grads)
-    elif not tableau.fsal:  # else the last stage point is the solution, computed the same way
+    if not tableau.fsal:  # else the last stage point is the solution, computed the same way
       increment = self._increment(params, h, tableau.b, grads)
     candidate = point(increment, cast=False)
 
     error = jnp.full([], jnp.nan, dtype)
-    if tableau.b_error is not None and not skip_last:
+    if tableau.b_error is not None:
       error = self._scaled_error(params, candidate, h, grads).astype(dtype)
 
     new_params = point(increment, cast=True)
@@ -555,7 +546,7 @@ class Stepper:
       step_size = jnp.asarray(self._fixed_h(count), dtype)
       prev_error, num_rejected = state.prev_error, state.num_rejected
 
-    evals = jnp.asarray(first_evals + len(rows), jnp.int32)
+    evals = jnp.asarray(first_evals + tableau.num_stages - 1, jnp.int32)
     new_state = state._replace(
       count=count,
       step_size=step_size,
@@ -705,8 +696,7 @@ def runge_kutta(
     fsal: keep the last stage's loss and gradient for the next step's first stage
       ("first same as last", ``od.BOSH3`` and ``od.DOPRI5``): one evaluation fewer per
       step. Only valid when the loss is the same at every step (full batch, no dropout)
-      and nothing else changes the params between steps. Fixed steps without it skip that
-      last stage, and with it the error estimate (``info.error`` is NaN).
+      and nothing else changes the params between steps.
     accumulator_dtype: dtype the stages are summed in (see above).
 
   Returns:

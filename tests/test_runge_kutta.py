@@ -166,10 +166,7 @@ def diffrax_step(solver, params, h):
 def test_one_step_equals_diffrax(name, x64):
   h, rtol, atol = 0.1, 1e-3, 1e-6
   params = make_params(jnp.float64)
-  # fsal=True for bosh3 and dopri5: fixed steps evaluate their last stage, and so estimate
-  # the error, only to reuse it
-  tableau = TABLEAUS[name]
-  stepper = od.runge_kutta(tableau, h, rtol=rtol, atol=atol, fsal=tableau.fsal)
+  stepper = od.runge_kutta(TABLEAUS[name], h, rtol=rtol, atol=atol)
   new_params, state, info = jax.jit(functools.partial(stepper.step, loss_fn))(
     params, stepper.init(params)
   )
@@ -224,8 +221,7 @@ def test_one_step_rk4_equals_numpy_float64(x64):
 def test_spec_worked_example(name, expected, x64):
   """L = θ²/2, θ₀ = 1, h = 0.1 (spec §12): values as printed, to their last digit."""
   digits = len(str(expected).split(".")[1])
-  tableau = TABLEAUS[name]
-  stepper = od.runge_kutta(tableau, 0.1, rtol=0.0, atol=1.0, fsal=tableau.fsal)  # see above
+  stepper = od.runge_kutta(TABLEAUS[name], 0.1, rtol=0.0, atol=1.0)
   theta, _, info = stepper.step(lambda p: 0.5 * p**2, jnp.float64(1.0), stepper.init(1.0))
   assert abs(float(theta) - expected) <= 0.5 * 10.0**-digits
   # With atol = 1, rtol = 0 the error is |θ₁ − θ̂₁|: the embedded estimates of the spec.
@@ -359,11 +355,8 @@ def counting_loss():
     (od.rk4(0.1), [4, 4, 4]),
     (od.rk23(0.1, fsal=True), [4, 3, 3]),
     (od.rk45(30.0, fsal=True), [7, 6, 6]),  # the first steps are rejected: k₁ is reused
-    # fixed steps without reuse skip the last stage, which only the error estimate needs
-    (od.runge_kutta(od.BOSH3, 0.1), [3, 3, 3]),
-    (od.runge_kutta(od.DOPRI5, 0.1), [6, 6, 6]),
   ],
-  ids=["heun", "rk4", "rk23-fsal", "rk45-fsal-rejects", "bosh3-fixed", "dopri5-fixed"],
+  ids=["heun", "rk4", "rk23-fsal", "rk45-fsal-rejects"],
 )
 def test_gradient_evaluations_per_step(stepper, per_step):
   loss, calls = counting_loss()
@@ -380,32 +373,6 @@ def test_gradient_evaluations_per_step(stepper, per_step):
   assert int(state.num_grad_evals) == total
   if stepper.learning_rate == 30.0:
     assert int(state.num_rejected) >= 1
-
-
-@pytest.mark.parametrize("tableau", [od.BOSH3, od.DOPRI5], ids=["bosh3", "dopri5"])
-def test_fixed_steps_skip_only_the_error_estimates_stage(tableau, x64):
-  """Skipping the last stage changes nothing but ``error``: the params equal fixed steps with
-  ``fsal=True`` (which evaluate the last stage and reuse it) and a NumPy reference."""
-  results = []
-  for fsal in (False, True):
-    stepper = od.runge_kutta(tableau, 0.1, fsal=fsal)
-    p = make_params(jnp.float64)
-    state = stepper.init(p)
-    for _ in range(3):
-      p, state, info = stepper.step(loss_fn, p, state)
-    results.append((p, info))
-  (skipped, skipped_info), (full, full_info) = results
-  assert_trees_close(skipped, full, rtol=1e-14, atol=1e-16)
-  assert np.isnan(skipped_info.error) and np.isfinite(full_info.error)
-
-  p = to_numpy(make_params(jnp.float64))
-  for _ in range(3):  # every stage evaluated, as written: k_i = -grad L(p + h sum_j a_ij k_j)
-    ks = [{n: -v for n, v in numpy_grad(p).items()}]
-    for row in tableau.a:
-      point = {n: p[n] + 0.1 * sum(a * k[n] for a, k in zip(row, ks, strict=True)) for n in p}
-      ks.append({n: -v for n, v in numpy_grad(point).items()})
-    p = {n: p[n] + 0.1 * sum(b * k[n] for b, k in zip(tableau.b, ks, strict=True)) for n in p}
-  assert_trees_close(skipped, p, rtol=1e-13, atol=1e-15)
 
 
 def test_transformation_calls_grad_fn_at_the_other_stages():
