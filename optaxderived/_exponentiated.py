@@ -186,7 +186,9 @@ def exponentiated_gradient(
   ``init``. Because optax adds updates, ``θ + u`` cannot represent a factor below the
   resolution of the dtypes; the factor :math:`e^{r}` is therefore floored at ``4·eps`` of the
   less precise of the param and gradient dtypes (4.8e-7 in float32, 1/32 in bfloat16), so
-  that one huge step cannot round a parameter to exactly 0.
+  that one huge step cannot round a parameter to exactly 0. The first step from slices
+  summing to much more than ``1/(4·eps)`` (32 in bfloat16) shrinks some entries by more than
+  the floor allows and can still round them to 0: normalise such params before training.
 
   Args:
     learning_rate: :math:`\eta > 0`, a float or a schedule of the number of update calls.
@@ -250,7 +252,7 @@ def exponentiated_gradient(
         # overflows, the sum is at least the θ at the largest r, and one exp per entry
         # instead of the four (a log and three exps) of the log-space form.
         leaf_axes = tuple(a % p.ndim for a in axes)
-        e = jnp.exp(r - jnp.max(r, axis=leaf_axes, keepdims=True))
+        e = jnp.exp(r - jnp.max(r, axis=leaf_axes, keepdims=True, initial=-jnp.inf))
         factor = e / jnp.sum(p32 * e, axis=leaf_axes, keepdims=True)
         factor = jnp.maximum(factor, math.exp(r_min))
         # the floor may add mass: normalise once more so the slices stay on the simplex

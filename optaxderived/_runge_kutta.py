@@ -696,7 +696,9 @@ def runge_kutta(
     fsal: keep the last stage's loss and gradient for the next step's first stage
       ("first same as last", ``od.BOSH3`` and ``od.DOPRI5``): one evaluation fewer per
       step. Only valid when the loss is the same at every step (full batch, no dropout)
-      and nothing else changes the params between steps.
+      and nothing else changes the params between steps. Without it, fixed steps of such a
+      tableau evaluate the last stage for the error estimate alone; to skip it, drop the
+      stage: ``od.ButcherTableau(c=t.c[:-1], a=t.a[:-1], b=t.b[:-1], order=t.order)``.
     accumulator_dtype: dtype the stages are summed in (see above).
 
   Returns:

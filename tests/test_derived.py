@@ -184,12 +184,8 @@ def test_layer_adaptation_reduces_each_array_once():
   derive recipe 1.4x slower."""
   params = {"a": jnp.ones((4, 5)), "b": jnp.ones(3), "bias": jnp.ones(3)}
   tx = od.layer_adaptation(exclude="bias")
-  assert (
-    _count_reductions(jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr) == 4
-  )
-  optax_tx = optax.masked(optax.scale_by_trust_ratio(), {"a": True, "b": True, "bias": False})
-  jaxpr = jax.make_jaxpr(optax_tx.update)(params, optax_tx.init(params), params).jaxpr
-  assert _count_reductions(jaxpr) == 8  # what this test guards against
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
+  assert _count_reductions(jaxpr) == 4
 
 
 def test_weight_decay_schedule_counts_updates_and_keeps_bf16():

@@ -159,6 +159,14 @@ def test_eg_matches_numpy_over_steps_with_a_schedule(simplex_axis):
   assert int(state.count) == steps
 
 
+def test_eg_simplex_accepts_empty_slices():
+  params = {"empty": jnp.ones((4, 0)), "none": jnp.ones((0,)), "w": jnp.full((2, 3), 1 / 3)}
+  tx = od.exponentiated_gradient(0.1, simplex_axis=-1)
+  updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert updates["empty"].shape == (4, 0) and updates["none"].shape == (0,)
+  np.testing.assert_allclose(jnp.sum(params["w"] + updates["w"], axis=-1), 1.0, rtol=1e-6)
+
+
 def test_eg_simplex_keeps_slices_on_the_simplex_from_an_unnormalised_start():
   params = {"w": jnp.array([[1.0, 2.0, 3.0], [0.1, 0.1, 0.2]])}
   grads = stacked_grads(2, {"w": (2, 3)}, 5)

@@ -375,6 +375,25 @@ def test_gradient_evaluations_per_step(stepper, per_step):
     assert int(state.num_rejected) >= 1
 
 
+def test_fixed_steps_without_the_fsal_stage_save_a_gradient():
+  """The recipe of the fsal docstring: the same params, one evaluation fewer, no estimate."""
+  params = make_params()
+  results = []
+  for tableau in (od.BOSH3, od.DOPRI5):
+    short = od.ButcherTableau(
+      c=tableau.c[:-1], a=tableau.a[:-1], b=tableau.b[:-1], order=tableau.order
+    )
+    for t in (tableau, short):
+      stepper = od.runge_kutta(t, 0.1)
+      p, state = params, stepper.init(params)
+      for _ in range(3):
+        p, state, info = stepper.step(loss_fn, p, state)
+      results.append((p, int(state.num_grad_evals), float(info.error)))
+    (full, full_evals, full_error), (cut, cut_evals, cut_error) = results[-2:]
+    assert_trees_close(cut, full, rtol=1e-6, atol=1e-7)
+    assert cut_evals == full_evals - 3 and np.isnan(cut_error) and np.isfinite(full_error)
+
+
 def test_transformation_calls_grad_fn_at_the_other_stages():
   for stepper, calls_per_step in ((od.euler(0.1), 0), (od.heun(0.1), 1), (od.rk45(0.1), 6)):
     points = []
