@@ -133,7 +133,7 @@ def layer_adaptation(*, exclude: _paths.Patterns = ()) -> optax.GradientTransfor
   def scale(u, p):
     # Plain norms rather than optax.safe_norm (which scale_by_trust_ratio uses): safe_norm
     # reduces each array twice, through a materialised copy, to keep its *gradient* finite at
-    # 0, and nothing differentiates an optimizer step. That made this 2.2x adamw, not 1.6x.
+    # 0, and nothing differentiates an optimizer step (it made od.derive 3.2x adamw, not 2.3x).
     p_norm = jnp.sqrt(_clipping.sum_of_squares(p))
     u_norm = jnp.sqrt(_clipping.sum_of_squares(u))
     ratio = jnp.where((p_norm == 0) | (u_norm == 0), 1, p_norm / u_norm)
