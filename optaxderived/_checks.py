@@ -1,7 +1,8 @@
 """Eager validation of hyperparameters, with errors that name the argument and the value.
 
 Only concrete values are checked: a schedule (a callable) or a traced value (as
-``optax.inject_hyperparams`` passes under ``jit``) is accepted as it is.
+``optax.inject_hyperparams`` passes under ``jit``) is accepted as it is; anything else must be
+a real scalar.
 """
 
 import math
@@ -21,6 +22,28 @@ def concrete_scalar(value: Any) -> float | None:
   return float(array)
 
 
+def _real_scalar(name: str, value: Any, schedule: bool) -> float | None:
+  """``value`` as a float; None for a schedule or a traced value (passed as they are).
+
+  Raises ``ValueError`` for anything else that is not a real scalar (a string, a bool, a
+  complex number, an array with dimensions), and for a schedule when ``schedule`` is False.
+  """
+  if callable(value) and not schedule:
+    raise ValueError(f"{name} must be a number, not a schedule, got {value!r}")
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  array = np.asarray(value)
+  if (
+    array.ndim != 0
+    or array.dtype == np.bool_
+    or not np.issubdtype(array.dtype, np.number)
+    or np.iscomplexobj(array)
+  ):
+    kind = "a real number or a schedule" if schedule else "a real number"
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
+  return float(array)
+
+
 def check_range(
   name: str,
   value: Any,
@@ -29,8 +52,10 @@ def check_range(
   high: float = math.inf,
   low_open: bool = False,
   high_open: bool = False,
+  schedule: bool = True,
 ) -> None:
-  """Raises ``ValueError`` unless a concrete ``value`` lies in the given interval.
+  """Raises ``ValueError`` unless ``value`` is a real scalar in the given interval (or a
+  schedule, unless ``schedule=False``, or a traced value).
 
   Example:
     >>> from optaxderived._checks import check_range
@@ -39,7 +64,7 @@ def check_range(
     ...
     ValueError: decay must be in [0.0, 1.0), got 1.0
   """
-  x = concrete_scalar(value)
+  x = _real_scalar(name, value, schedule)
   if x is None:
     return
   if (
@@ -50,8 +75,8 @@ def check_range(
 
 
 def check_positive(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless a concrete ``value`` is > 0 (schedules pass)."""
-  x = concrete_scalar(value)
+  """Raises ``ValueError`` unless ``value`` is a real scalar > 0 (schedules pass)."""
+  x = _real_scalar(name, value, schedule=True)
   if x is not None and not x > 0:
     raise ValueError(f"{name} must be > 0, got {value!r}")
 
@@ -68,6 +93,12 @@ def check_int(name: str, value: Any, *, low: int = 1) -> None:
     value = int(value)  # a concrete int array, as optax.inject_hyperparams passes at init
   if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
     raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is a bool (a truthy string is not one)."""
+  if not isinstance(value, bool | np.bool_):
+    raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
