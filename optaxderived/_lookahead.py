@@ -55,7 +55,9 @@ def lookahead(
   update is :math:`u_t` on the other steps and :math:`\phi_{\text{new}} - \theta_t` on a
   sync, so the params stay a plain pytree: this works in ``optax.chain``, Flax
   ``TrainState`` and ``nnx.Optimizer``. Evaluate with the slow weights,
-  :func:`lookahead_params`. With :math:`\alpha = 1` it is the inner optimizer.
+  :func:`lookahead_params`. With :math:`\alpha = 1` it is exactly the inner optimizer. The
+  new slow weights are the params the jump lands on (rounded as ``optax.apply_updates``
+  rounds it), so after a sync the params and the slow weights are equal.
 
   Put it after everything that shapes the update (it needs the final fast step); only
   :func:`param_ema` belongs after it. Inside ``od.accumulate`` it counts real updates, so a
@@ -75,7 +77,8 @@ def lookahead(
     slow_step_size: :math:`\alpha \in (0, 1]`, or a schedule of the number of update calls
       seen (0 at the first call), read at each sync.
     reset_inner_state: re-initialise the inner state (at the new params) on every sync,
-      for example to drop Adam's moments.
+      for example to drop Adam's moments. Its step counts restart too, so a schedule inside
+      ``inner`` starts over at each sync (as with ``optax.lookahead(reset_state=True)``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -109,6 +112,7 @@ def lookahead(
   _checks.check_int("sync_period", sync_period, low=1)
   _checks.check_range("slow_step_size", slow_step_size, low=0.0, high=1.0, low_open=True)
   inner = optax.with_extra_args_support(inner)
+  alpha_is_one = not callable(slow_step_size) and _checks.concrete_scalar(slow_step_size) == 1
 
   def init_fn(params):
     return LookaheadState(
@@ -126,22 +130,31 @@ def lookahead(
     step = optax.safe_increment(state.step)
     sync = step % sync_period == 0
 
-    def slow_leaf(u, p, s):
+    def jump(u, p, s):
+      """The update that moves the params onto the new slow weights, in the update's dtype."""
+      if alpha_is_one:  # the fast step itself: exactly the inner optimizer
+        return u
       fast = (p + u).astype(p.dtype)  # the fast params, as optax.apply_updates gives them
-      return jnp.where(sync, s + alpha * (fast - s), s).astype(s.dtype)
+      return (s + alpha * (fast - s) - p).astype(u.dtype)
 
     # Branch-free, as optax.lookahead: both sides are computed and one is selected, so every
     # step reads and writes the same buffers and XLA fuses it all with the inner update.
     try:
-      slow = jax.tree.map(slow_leaf, fast_updates, params, state.slow)
+      jumps = jax.tree.map(jump, fast_updates, params, state.slow)
     except ValueError as error:
       raise ValueError(
         "lookahead: the updates, params and slow weights must have the same tree "
         f"structure: {error}"
       ) from None
-    new_updates = jax.tree.map(
-      lambda u, p, s: jnp.where(sync, s - p, u).astype(u.dtype), fast_updates, params, slow
+    # The new slow weights are where the params land, p + jump rounded as optax.apply_updates
+    # rounds it, so that after a sync the params equal lookahead_params(state) exactly.
+    slow = jax.tree.map(
+      lambda j, p, s: jnp.where(sync, (p + j).astype(p.dtype), s).astype(s.dtype),
+      jumps,
+      params,
+      state.slow,
     )
+    new_updates = jax.tree.map(lambda j, u: jnp.where(sync, j, u), jumps, fast_updates)
     if reset_inner_state:
       fresh = inner.init(slow)
       inner_state = jax.tree.map(

@@ -162,7 +162,28 @@ def test_alpha_one_is_the_inner_optimizer():
   state = inner.init(p)
   for t in range(9):
     p, state = step(p, state)
-    assert_trees_close(jax.tree.map(lambda x, t=t: x[t], params), p, rtol=1e-6)
+    # exactly: on a sync the update is the fast step itself
+    assert_trees_close(jax.tree.map(lambda x, t=t: x[t], params), p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+  "param_dtype, grad_dtype",
+  [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.bfloat16)],
+)
+def test_after_a_sync_the_params_are_the_slow_weights_exactly(param_dtype, grad_dtype):
+  """The jump onto the new slow weights is rounded to the update's dtype and added to the
+  params: the slow weights are where the params land, whatever the rounding."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = jax.random.normal(keys[0], (1000,), param_dtype)
+  tx = od.lookahead(optax.sgd(0.5), sync_period=2, slow_step_size=0.5)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for key in jax.random.split(keys[1], 6):
+    grads = jax.random.normal(key, (1000,), grad_dtype)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params, od.lookahead_params(state))
+  assert params.dtype == param_dtype
 
 
 @hypothesis.settings(deadline=None, max_examples=25)
