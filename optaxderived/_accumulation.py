@@ -20,7 +20,7 @@ class AccumulateState(NamedTuple):
       update); skipped micro-batches do not count.
     step: real updates emitted so far (int32); ``every_k`` schedules are evaluated at it.
     acc_grads: the weighted sum ``Σ w·g`` of the window's gradients, shaped like the params,
-      in ``accumulator_dtype``.
+      each leaf in ``accumulator_dtype`` promoted with its param's dtype.
     acc_weight: the window's ``Σ w`` (a scalar, float32 or wider).
     num_skipped: micro-batches dropped for a non-finite gradient or weight (int32; stays 0
       unless ``skip_nonfinite=True``).
@@ -87,9 +87,10 @@ def accumulate(
       the number of real updates so far (a value below 1 counts as 1). Under
       ``optax.inject_hyperparams`` give a number: it would evaluate a schedule at its own
       count of calls, i.e. micro steps.
-    accumulator_dtype: the floating dtype of the accumulator (float32 by default, so bf16
-      gradients are summed in float32; the window mean reaches ``inner`` in the gradients'
-      dtype).
+    accumulator_dtype: the narrowest floating dtype of the accumulator: each leaf sums in
+      it promoted with its param's dtype (float32 by default, so bf16 gradients are summed
+      in float32 and float64 ones in float64; None is the default); the window mean reaches
+      ``inner`` in the gradients' dtype.
     skip_nonfinite: drop a micro-batch whose gradient or weight holds a NaN or an Inf: it
       is neither added nor counted toward ``every_k``, the call emits zeros and
       ``num_skipped`` counts it. Without it a NaN reaches the window mean, as in optax.
@@ -147,6 +148,9 @@ def accumulate(
   if not (hasattr(inner, "init") and hasattr(inner, "update")):
     raise TypeError(f"accumulate: inner must be an optax transformation, got {inner!r}")
   _checks.check_int("every_k", every_k, low=1)
+  _checks.check_bool("skip_nonfinite", skip_nonfinite)
+  if accumulator_dtype is None:  # as in param_ema: the params' dtypes, at least float32
+    accumulator_dtype = jnp.float32
   if isinstance(accumulator_dtype, jax.Array | np.ndarray):
     # optax.inject_hyperparams takes the (callable) dtype for a schedule and passes its value.
     accumulator_dtype = accumulator_dtype.dtype
@@ -159,14 +163,23 @@ def accumulate(
   if not jnp.issubdtype(acc_dtype, jnp.floating):
     raise ValueError(f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}")
   acc_dtype = jax.dtypes.canonicalize_dtype(acc_dtype)
-  weight_dtype = jnp.promote_types(acc_dtype, jnp.float32)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    # Each leaf sums in the wider of accumulator_dtype and its own dtype (float64 stays
+    # float64 under x64); the weights in the widest of them, at least float32. zeros_like
+    # keeps each param's sharding.
+    acc_grads = jax.tree.map(
+      lambda p: jnp.zeros_like(p, jnp.promote_types(jnp.result_type(p), acc_dtype)),
+      params,
+    )
+    weight_dtype = jnp.result_type(
+      jnp.float32, acc_dtype, *(jnp.finfo(a.dtype).dtype for a in jax.tree.leaves(acc_grads))
+    )
     return AccumulateState(
       micro_step=jnp.zeros([], jnp.int32),
       step=jnp.zeros([], jnp.int32),
-      acc_grads=optax.tree.zeros_like(params, dtype=acc_dtype),
+      acc_grads=acc_grads,
       acc_weight=jnp.zeros([], weight_dtype),
       num_skipped=jnp.zeros([], jnp.int32),
       inner_state=inner.init(params),
@@ -175,6 +188,7 @@ def accumulate(
 
   def update_fn(updates, state, params=None, *, weight=None, **extra_args):
     _checks.check_same_tree("accumulate", updates, state.acc_grads, "params given to init")
+    weight_dtype = jnp.result_type(state.acc_weight)
     if weight is None:
       weight = jnp.ones([], weight_dtype)
     else:
@@ -194,21 +208,24 @@ def accumulate(
     k = every_k(state.step) if callable(every_k) else every_k
     emit = finite & (state.micro_step + 1 >= k)
     total_weight = state.acc_weight + jnp.where(finite, weight, 0)
-    w = weight.astype(acc_dtype)
 
     # Memory: the gradients are folded into the accumulator first (one fused pass, in place),
     # so they are dead before the cond and the emitted updates can reuse their buffers. The
     # cond returns no accumulator (XLA would copy it): it is zeroed after the cond, ordered by
     # ``emitted``. Compiled temp memory is then one param-sized tree, the emitted updates.
     acc_grads = jax.tree.map(
-      lambda a, g: jnp.where(finite, a + w * g.astype(acc_dtype), a), state.acc_grads, updates
+      lambda a, g: jnp.where(finite, a + weight.astype(a.dtype) * g.astype(a.dtype), a),
+      state.acc_grads,
+      updates,
     )
 
     def emit_branch(acc_grads, inner_state, params):
       # A zero total weight means a zero sum (of finite gradients): the mean is then zero.
-      total = jnp.where(total_weight > 0, total_weight, 1).astype(acc_dtype)
+      total = jnp.where(total_weight > 0, total_weight, 1)
       # (``updates`` gives the dtypes only: no gradient buffer is kept alive into the cond.)
-      mean = jax.tree.map(lambda a, g: (a / total).astype(g.dtype), acc_grads, updates)
+      mean = jax.tree.map(
+        lambda a, g: (a / total.astype(a.dtype)).astype(g.dtype), acc_grads, updates
+      )
       new_updates, new_inner_state = inner.update(mean, inner_state, params, **extra_args)
       new_inner_state = jax.tree.map(
         lambda new, old: jnp.asarray(new, jnp.result_type(old)), new_inner_state, inner_state

@@ -19,12 +19,12 @@ class ParamEmaState(NamedTuple):
     ema: the moving average of the params after each update, shaped like the params, in
       the accumulator dtype (zeros at ``init`` when ``debias=True``, the params otherwise).
     log_zero_weight: the log of the weight the zero initialisation still holds in ``ema``
-      (a float32 scalar): the sum of the log-decays so far, :math:`n \\log\\mu`, when
-      ``debias=True``; ``-inf`` when ``debias=False``. :func:`ema_params` divides ``ema``
-      by :math:`1 - \\mu^n`, computed as ``-expm1(log_zero_weight +
-      log_zero_weight_compensation)``.
-    log_zero_weight_compensation: the rounding error of that float32 sum (compensated
-      summation), so :math:`1 - \\mu^n` keeps float32 precision after many updates.
+      (a float32 scalar, float64 when an average is float64): the sum of the log-decays so
+      far, :math:`n \\log\\mu`, when ``debias=True``; ``-inf`` when ``debias=False``.
+      :func:`ema_params` divides ``ema`` by :math:`1 - \\mu^n`, computed as
+      ``-expm1(log_zero_weight + log_zero_weight_compensation)``.
+    log_zero_weight_compensation: the rounding error of that sum (compensated summation),
+      so :math:`1 - \\mu^n` keeps its dtype's precision after many updates.
   """
 
   count: jax.Array
@@ -120,7 +120,8 @@ def param_ema(
     debiasing, section 3). bert4keras ``extend_with_exponential_moving_average``,
     https://github.com/bojone/bert4keras/blob/master/bert4keras/optimizers.py.
   """
-  _checks.check_range("decay", decay, low=0.0, high=1.0, high_open=True)
+  _checks.check_range("decay", decay, low=0.0, high=1.0, high_open=True, schedule=False)
+  _checks.check_bool("debias", debias)
   if accumulator_dtype is not None:
     try:
       dtype = jnp.dtype(accumulator_dtype)
@@ -135,19 +136,25 @@ def param_ema(
       dtype = _accumulator_dtype(jnp.result_type(p), accumulator_dtype)
       return jnp.zeros_like(p, dtype=dtype) if debias else jnp.array(p, dtype=dtype, copy=True)
 
+    ema = jax.tree.map(leaf, params)
+    # The debiasing sum's dtype: float32, or float64 when an average is float64 (x64).
+    dtype = jnp.result_type(
+      jnp.float32, *(jnp.finfo(m.dtype).dtype for m in jax.tree.leaves(ema))
+    )
     return ParamEmaState(
       count=jnp.zeros([], jnp.int32),
-      ema=jax.tree.map(leaf, params),
-      log_zero_weight=jnp.asarray(0.0 if debias else -jnp.inf, jnp.float32),
-      log_zero_weight_compensation=jnp.zeros([], jnp.float32),
+      ema=ema,
+      log_zero_weight=jnp.asarray(0.0 if debias else -jnp.inf, dtype),
+      log_zero_weight_compensation=jnp.zeros([], dtype),
     )
 
-  def _average(m, p):
-    # Computed with the float32 decay that the debiasing uses (at least in float32), stored
-    # in the average's dtype: a decay rounded to a narrow accumulator (0.999 is 1.0 in bf16)
-    # would disagree with the divisor 1 - mu**n, biasing the average or freezing it at 0.
-    wide = jnp.promote_types(m.dtype, jnp.float32)
-    mu = jnp.asarray(decay, jnp.float32).astype(wide)
+  def _average(m, p, dtype):
+    # Computed with the decay that the debiasing uses (rounded to its float32 or float64
+    # ``dtype``), stored in the average's dtype: a decay rounded to a narrow accumulator (0.999
+    # is 1.0 in bf16) would disagree with the divisor 1 - mu**n, biasing the average or
+    # freezing it at 0.
+    wide = jnp.promote_types(m.dtype, dtype)
+    mu = jnp.asarray(decay, dtype).astype(wide)
     return (mu * m.astype(wide) + (1 - mu) * _widen(p, wide)).astype(m.dtype)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -155,7 +162,8 @@ def param_ema(
     _checks.require_params(params, "param_ema")
     try:
       new_params = optax.apply_updates(params, updates)
-      ema = jax.tree.map(_average, state.ema, new_params)
+      dtype = state.log_zero_weight.dtype
+      ema = jax.tree.map(lambda m, p: _average(m, p, dtype), state.ema, new_params)
     except ValueError as error:
       raise ValueError(
         f"param_ema: the updates, params and average must have the same tree structure: {error}"
@@ -168,7 +176,7 @@ def param_ema(
       # digits), and the compensated (Neumaier) sum keeps the sum's (a plain float32 sum
       # puts 1 - decay**n off by up to 3e-5 relative within 1e4 updates at decay 0.9999).
       # The floor at -100 (a weight of 4e-44) keeps decay = 0 finite.
-      term = jnp.maximum(jnp.log1p(jnp.asarray(decay, jnp.float32) - 1), -100.0)
+      term = jnp.maximum(jnp.log1p(jnp.asarray(decay, dtype) - 1), -100.0)
       total = log_zero_weight + term
       compensation = compensation + jnp.where(
         jnp.abs(log_zero_weight) >= jnp.abs(term),
@@ -222,8 +230,11 @@ def ema_params(state: Any, params: Any) -> Any:
     raise ValueError(
       f"ema_params: params have {len(leaves)} leaves, the average has {len(ema_leaves)}"
     )
-  started = found.count > 0
-  log_zero_weight = found.log_zero_weight + found.log_zero_weight_compensation
+  # jnp.asarray unwraps the Variables that nnx.Optimizer puts around state leaves.
+  started = jnp.asarray(found.count) > 0
+  log_zero_weight = jnp.asarray(found.log_zero_weight) + jnp.asarray(
+    found.log_zero_weight_compensation
+  )
   denominator = jnp.where(started, -jnp.expm1(log_zero_weight), 1.0)
 
   def leaf(m, p):

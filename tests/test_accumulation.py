@@ -653,3 +653,21 @@ def test_bad_accumulator_dtype_raises(dtype):
 def test_inner_must_be_a_transformation():
   with pytest.raises(TypeError, match="accumulate: inner"):
     od.accumulate(0.1, 2)
+
+
+def test_float64_gradients_accumulate_in_float64():
+  """accumulator_dtype is a minimum: float64 gradients are not narrowed to float32."""
+  with jax.enable_x64(True):
+    params = {"w": jnp.asarray([1.0, 2.0], jnp.float64), "h": jnp.ones(2, jnp.bfloat16)}
+    tx = od.accumulate(optax.sgd(1.0), 2)
+    state = tx.init(params)
+    assert state.acc_grads["w"].dtype == jnp.float64
+    assert state.acc_grads["h"].dtype == jnp.float32
+    g1 = {"w": jnp.asarray([1 / 3, 1e-9], jnp.float64), "h": jnp.ones(2, jnp.bfloat16)}
+    g2 = {"w": jnp.asarray([1 / 7, 1.0], jnp.float64), "h": jnp.ones(2, jnp.bfloat16)}
+    _, state = tx.update(g1, state, params)
+    updates, state = tx.update(g2, state, params)
+    np.testing.assert_allclose(
+      updates["w"], -np.array([1 / 3 + 1 / 7, 1 + 1e-9]) / 2, rtol=1e-15
+    )
+    assert updates["h"].dtype == jnp.bfloat16

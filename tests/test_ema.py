@@ -349,3 +349,38 @@ def test_vmap_over_independent_runs_and_abstract_init():
     np.testing.assert_allclose(out[i], reference[-1]["x"], rtol=1e-6)
   shapes = jax.eval_shape(tx.init, jax.ShapeDtypeStruct((4, 3), jnp.bfloat16))
   assert shapes.ema.shape == (4, 3) and shapes.ema.dtype == jnp.float32
+
+
+def test_ema_params_reads_the_raw_nnx_opt_state():
+  """Like has_updated and lookahead_params: the Variables nnx puts around the state's
+  leaves are unwrapped."""
+  model = Affine()
+  optimizer = nnx.Optimizer(
+    model, optax.chain(optax.sgd(0.1), od.param_ema(0.5)), wrt=nnx.Param
+  )
+  grads = nnx.grad(lambda m: jnp.sum(m.w[...]) + jnp.sum(m.b[...]))(model)
+  optimizer.update(model, grads)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  raw = od.ema_params(optimizer.opt_state, params)
+  assert_trees_close(dict(raw), dict(od.ema_params(nnx.as_pure(optimizer.opt_state), params)))
+  assert_trees_close(dict(raw), dict(params))  # one update, debiased: the params themselves
+
+
+def test_float64_averages_keep_float64_precision():
+  """Under x64 the decay and the debiasing sum are float64 (they were float32: 1e-5 off)."""
+  with jax.enable_x64(True):
+    decay, steps = 0.9999, 300
+    params = jnp.asarray([1.0, -2.0], jnp.float64)
+    tx = od.param_ema(decay)
+    state = tx.init(params)
+    assert state.log_zero_weight.dtype == jnp.float64
+    update = jax.jit(tx.update)
+    m, p = np.zeros(2), np.asarray(params)
+    for t in range(steps):
+      u = jnp.asarray([1e-3 * np.sin(t), 2e-3 * np.cos(t)], jnp.float64)
+      _, state = update(u, state, params)
+      params = params + u
+      p = p + np.asarray(u)
+      m = decay * m + (1 - decay) * p
+    got = od.ema_params(state, params)
+    np.testing.assert_allclose(got, m / (1 - decay**steps), rtol=1e-12)
