@@ -186,9 +186,11 @@ def exponentiated_gradient(
   ``init``. Because optax adds updates, ``θ + u`` cannot represent a factor below the
   resolution of the dtypes; the factor :math:`e^{r}` is therefore floored at ``4·eps`` of the
   less precise of the param and gradient dtypes (4.8e-7 in float32, 1/32 in bfloat16), so
-  that one huge step cannot round a parameter to exactly 0. The first step from slices
-  summing to much more than ``1/(4·eps)`` (32 in bfloat16) shrinks some entries by more than
-  the floor allows and can still round them to 0: normalise such params before training.
+  that one huge step cannot round a parameter to exactly 0, and the new params are floored at
+  the smallest normal number of their dtype, so that many steps cannot underflow to 0. The
+  first step from slices summing to much more than ``1/(4·eps)`` (32 in bfloat16) shrinks
+  some entries by more than the floor allows and can still round them to 0: normalise such
+  params before training.
 
   Args:
     learning_rate: :math:`\eta > 0`, a float or a schedule of the number of update calls.
@@ -252,16 +254,23 @@ def exponentiated_gradient(
         # overflows, the sum is at least the θ at the largest r, and one exp per entry
         # instead of the four (a log and three exps) of the log-space form.
         leaf_axes = tuple(a % p.ndim for a in axes)
+
+        def normalise(x):  # the floor keeps 0/0 out when every product underflows
+          total = jnp.sum(p32 * x, axis=leaf_axes, keepdims=True)
+          return x / jnp.maximum(total, jnp.finfo(dtype).tiny)
+
         e = jnp.exp(r - jnp.max(r, axis=leaf_axes, keepdims=True, initial=-jnp.inf))
-        factor = e / jnp.sum(p32 * e, axis=leaf_axes, keepdims=True)
-        factor = jnp.maximum(factor, math.exp(r_min))
+        factor = jnp.maximum(normalise(e), math.exp(r_min))
         # the floor may add mass: normalise once more so the slices stay on the simplex
-        factor = factor / jnp.sum(p32 * factor, axis=leaf_axes, keepdims=True)
+        factor = normalise(factor)
       else:
         # exp, not expm1: the params get the same rounding (θ + u is rounded at θ's scale)
         # and XLA's expm1 on CPU is twice as slow, which made the step compute-bound.
         factor = jnp.exp(jnp.maximum(r, r_min))
-      return (p32 * factor - p32).astype(g.dtype)
+      # The relative floor cannot stop underflow: after many shrinking steps the product
+      # would reach 0, absorbing (and 0/0 on the simplex); the params' smallest normal can't.
+      new = jnp.maximum(p32 * factor, jnp.finfo(p.dtype).tiny)
+      return (new - p32).astype(g.dtype)
 
     updates = jax.tree.map(leaf, updates, params)
     return updates, ExponentiatedGradientState(count=optax.safe_increment(state.count))

@@ -159,6 +159,24 @@ def test_eg_matches_numpy_over_steps_with_a_schedule(simplex_axis):
   assert int(state.count) == steps
 
 
+@pytest.mark.parametrize("simplex_axis", [None, -1])
+def test_eg_never_underflows_to_zero_nor_nan(simplex_axis):
+  """Many shrinking steps stop at the smallest normal number, so a slice can come back from
+  them (it reached exactly 0, then 0/0 = NaN on the simplex, before the absolute floor)."""
+  tx = od.exponentiated_gradient(1.0, simplex_axis=simplex_axis)
+  params = jnp.array([0.5, 0.5])
+  state = tx.init(params)
+  # (unnormalised EG only shrinks the first entry, then grows it slowly: e^100 overflows)
+  down = jnp.array([100.0, -100.0]) if simplex_axis is not None else jnp.array([100.0, 0.0])
+  up = -down if simplex_axis is not None else -down / 100
+  for t in range(12):
+    updates, state = tx.update(down if t < 8 else up, state, params)
+    params = optax.apply_updates(params, updates)
+    assert bool(jnp.all((params > 0) & jnp.isfinite(params))), (t, params)
+  if simplex_axis is not None:
+    assert float(params[0]) > 0.99  # back on the favoured side after 4 steps
+
+
 def test_eg_simplex_accepts_empty_slices():
   params = {"empty": jnp.ones((4, 0)), "none": jnp.ones((0,)), "w": jnp.full((2, 3), 1 / 3)}
   tx = od.exponentiated_gradient(0.1, simplex_axis=-1)
