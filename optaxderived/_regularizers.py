@@ -12,6 +12,7 @@ on the model's input gradients (:func:`gradient_penalty`, estimated with one bac
 (:func:`vat_perturbation`, :func:`vat_loss`).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -186,7 +187,9 @@ def rademacher_gradient_penalty(
       for k, leaf in zip(keys, leaves, strict=True)
     ]
     if w is not None:
-      signs = [s * jnp.sqrt(wi) for s, wi in zip(signs, jax.tree.leaves(w), strict=True)]
+      # sqrt(w) with a finite gradient at w = 0 (a masked-out output), where sqrt's is inf
+      root = lambda wi: jnp.where(wi > 0, jnp.sqrt(jnp.where(wi > 0, wi, 1)), 0)  # noqa: E731
+      signs = [s * root(wi) for s, wi in zip(signs, jax.tree.leaves(w), strict=True)]
     cotangent = [s.astype(leaf.dtype) for s, leaf in zip(signs, leaves, strict=True)]
     (grad,) = vjp_fn(jax.tree.unflatten(treedef, cotangent))
     return _sum_squares(grad)
@@ -207,19 +210,32 @@ def _kl_with_logits(target_logits: Any, logits: Any) -> jax.Array:
 
 
 def _normalize(tree: Any, batch_axis: int | None) -> Any:
-  """``tree / ‖tree‖`` in float32: one L2 norm over the whole tree, or one per example."""
+  """``tree / ‖tree‖`` in float32: one L2 norm over the whole tree, or one per example.
+
+  Each direction is first divided by its largest entry (as Miyato et al.'s code does), so
+  that tiny directions (a confident classifier's, with a small ``xi``) neither underflow
+  their squares nor meet the floor that keeps a zero direction zero.
+  """
   leaves = [_wide(v) for v in jax.tree.leaves(tree)]
   if batch_axis is None:
+    peak = functools.reduce(jnp.maximum, (jnp.max(jnp.abs(v), initial=0.0) for v in leaves))
+    leaves = [v / jnp.where(peak > 0, peak, 1) for v in leaves]
     sq = sum((jnp.sum(jnp.square(v)) for v in leaves), jnp.float32(0))
     scale = [jax.lax.rsqrt(jnp.maximum(sq, _TINY))] * len(leaves)
   else:
-    moved = [jnp.moveaxis(v, batch_axis, 0) for v in leaves]
-    sq = sum(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=1) for v in moved)
-    inv = jax.lax.rsqrt(jnp.maximum(sq, _TINY))
-    scale = [
-      jnp.expand_dims(inv, [a for a in range(v.ndim) if a != batch_axis % v.ndim])
-      for v in leaves
-    ]
+
+    def expand(x, v):  # a per-example vector as a view broadcasting against leaf v
+      return jnp.expand_dims(x, [a for a in range(v.ndim) if a != batch_axis % v.ndim])
+
+    def rows(v):  # (batch, everything else)
+      return jnp.moveaxis(v, batch_axis, 0).reshape(v.shape[batch_axis], -1)
+
+    peak = functools.reduce(
+      jnp.maximum, (jnp.max(jnp.abs(rows(v)), axis=1, initial=0.0) for v in leaves)
+    )
+    leaves = [v / expand(jnp.where(peak > 0, peak, 1), v) for v in leaves]
+    sq = sum(jnp.sum(jnp.square(rows(v)), axis=1) for v in leaves)
+    scale = [expand(jax.lax.rsqrt(jnp.maximum(sq, _TINY)), v) for v in leaves]
   return jax.tree.unflatten(
     jax.tree.structure(tree), [v * s for v, s in zip(leaves, scale, strict=True)]
   )

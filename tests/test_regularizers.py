@@ -18,6 +18,7 @@ import optaxderived as od
 RNG = np.random.default_rng(0)
 W = RNG.normal(size=(5, 3))  # x (5,) -> logits (3,)
 B = RNG.normal(size=(3,))
+W3 = np.random.default_rng(21).normal(size=(5, 3))
 X = RNG.normal(size=(5,))
 
 
@@ -245,6 +246,36 @@ def test_per_example_norms_along_batch_axis():
     lambda x: x.T @ f32(A), xs.T, key, num_iters=0, batch_axis=1, divergence=mse
   )
   np.testing.assert_allclose(np.linalg.norm(np.asarray(got_t), axis=0), 1.0, rtol=1e-5)
+
+
+def test_tiny_directions_still_get_norm_epsilon():
+  """A confident classifier with a small xi gives directions of norm ~1e-22: divided by their
+  largest entry first, they are not cut short by the floor that keeps zero directions zero."""
+  w = f32(np.array([[1e-8, -2e-8], [3e-8, 0.0]]))
+  fn = lambda x: x @ w  # noqa: E731  (outputs that barely move, as near-constant logits)
+  xs = f32(np.random.default_rng(3).normal(size=(4, 2)))
+  r = od.vat_perturbation(fn, xs, jax.random.key(0), xi=1e-6, batch_axis=0, divergence=mse)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(r), axis=1), 1.0, rtol=1e-5)
+  r = od.vat_perturbation(fn, xs, jax.random.key(0), xi=1e-6, epsilon=2.0, divergence=mse)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(r)), 2.0, rtol=1e-5)
+
+
+def test_rademacher_gradient_is_finite_where_a_weight_is_zero():
+  """sqrt(λ) has an infinite derivative at 0: masked-out outputs must not make it NaN."""
+  mask = jnp.array([1.0, 1.0, 0.0])
+  fn = lambda x: jax.nn.softmax(x @ f32(W3))  # noqa: E731
+
+  def penalty(x, estimate):
+    if estimate:
+      return od.rademacher_gradient_penalty(
+        fn, x, jax.random.key(0), num_samples=2000, weights=lambda q: mask / q
+      )
+    return od.gradient_penalty(fn, x, weights=lambda q: mask / q)
+
+  x = f32(X)
+  grad = jax.grad(penalty)(x, True)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+  np.testing.assert_allclose(grad, jax.grad(penalty)(x, False), rtol=0.2, atol=0.05)
 
 
 def test_per_example_norm_spans_the_leaves_of_a_pytree():
