@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -74,11 +75,23 @@ def check_range(
     raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
-def check_positive(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is a real scalar > 0 (schedules pass)."""
+def check_positive(name: str, value: Any, *, finite: bool = False) -> None:
+  """Raises ``ValueError`` unless ``value`` is a real scalar > 0 (schedules pass), and
+  finite when ``finite``."""
   x = _real_scalar(name, value, schedule=True)
-  if x is not None and not x > 0:
-    raise ValueError(f"{name} must be > 0, got {value!r}")
+  if x is not None and not (x > 0 and (math.isfinite(x) or not finite)):
+    raise ValueError(f"{name} must be {'finite and ' if finite else ''}> 0, got {value!r}")
+
+
+def check_float_dtype(name: str, value: Any) -> Any:
+  """``value`` as a canonical floating dtype; ``ValueError`` naming ``name`` otherwise."""
+  try:
+    dtype = np.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating dtype, got {value!r}")
+  return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def check_int(name: str, value: Any, *, low: int = 1) -> None:

@@ -226,7 +226,7 @@ def exponentiated_gradient(
   ``optax.keep_params_nonnegative`` and ``optax.projections.projection_simplex`` (projected
   gradient descent, which lands on the simplex's faces where EG stays inside).
   """
-  _checks.check_positive("learning_rate", learning_rate)
+  _checks.check_positive("learning_rate", learning_rate, finite=True)
   axes = _normalize_axes(simplex_axis)
 
   def init_fn(params):
@@ -343,10 +343,12 @@ def eg_plus_minus(
   Not in optax, Keras or PyTorch. The third-party PyTorch ``EGPM`` keeps the pair as the
   model's weights; here params stay one plain signed array and the pair lives in the state.
   """
-  _checks.check_positive("learning_rate", learning_rate)
+  _checks.check_positive("learning_rate", learning_rate, finite=True)
   if total_mass is not None:
-    _checks.check_positive("total_mass", total_mass)
-  _checks.check_positive("init_scale", init_scale)
+    _checks.check_positive("total_mass", total_mass, finite=True)
+  _checks.check_positive("init_scale", init_scale, finite=True)
+  if accumulator_dtype is not None:
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
   def acc_dtype(p):
     if accumulator_dtype is not None:
@@ -380,7 +382,7 @@ def eg_plus_minus(
     exponent = jax.tree.map(
       lambda g, u: jnp.asarray(lr, u.dtype) * g.astype(u.dtype), updates, state.u
     )
-    if total_mass is None:
+    if total_mass is None or not jax.tree.leaves(state.u):  # (an empty tree: nothing to do)
       u = jax.tree.map(lambda u, e: u * jnp.exp(-e), state.u, exponent)
       v = jax.tree.map(lambda v, e: v * jnp.exp(e), state.v, exponent)
     else:
@@ -463,7 +465,9 @@ def eg_step_size(
   Gains compose by nesting: ``eg_step_size(eg_step_size(inner, γ, granularity="element"),
   γ, granularity="global")`` is the global × per-coordinate scheme of Amid et al. (the outer
   wrapper's previous update is the inner gains times the inner update, which is the exact
-  meta-gradient of its scalar).
+  meta-gradient of its scalar). The gains scale the inner *additive* update: around an
+  optimizer that keeps params positive through the form of its update
+  (:func:`exponentiated_gradient`), a gain above 1 can push a param below 0.
 
   Args:
     inner: the optimizer whose updates are scaled (its learning rate included).
@@ -589,8 +593,11 @@ def eg_step_size(
           jax.tree.leaves(state.prev_updates), jax.tree.leaves(updates), strict=True
         )
       ]
-      totals = [None if parts[0][i] is None else sum(p[i] for p in parts) for i in range(3)]
-      gains = reduced_gain(state.gains, *totals, gamma)
+      if parts:
+        totals = [None if parts[0][i] is None else sum(p[i] for p in parts) for i in range(3)]
+        gains = reduced_gain(state.gains, *totals, gamma)
+      else:  # an empty tree (e.g. an optax.masked branch that matched nothing)
+        gains = state.gains
 
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     if granularity == "global":

@@ -177,6 +177,18 @@ def test_eg_never_underflows_to_zero_nor_nan(simplex_axis):
     assert float(params[0]) > 0.99  # back on the favoured side after 4 steps
 
 
+def test_empty_trees_are_no_ops():
+  """An optax.masked branch or a partition label that matched no params gives empty trees."""
+  params = {"w": jnp.ones(3)}
+  for tx in (
+    od.eg_step_size(optax.sgd(0.1), 0.1, granularity="global"),
+    od.eg_plus_minus(0.1, total_mass=10.0),
+  ):
+    masked = optax.masked(tx, {"w": False})
+    updates, _ = masked.update({"w": jnp.ones(3)}, masked.init(params), params)
+    np.testing.assert_array_equal(updates["w"], jnp.ones(3))
+
+
 def test_eg_simplex_accepts_empty_slices():
   params = {"empty": jnp.ones((4, 0)), "none": jnp.ones((0,)), "w": jnp.full((2, 3), 1 / 3)}
   tx = od.exponentiated_gradient(0.1, simplex_axis=-1)
