@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optaxderived import _accumulation
 from optaxderived import _checks
 from optaxderived import _paths
+from optaxderived import _state
 
 
 @jax.tree_util.register_dataclass
@@ -86,8 +88,14 @@ def _is_row_sparse(x: Any) -> bool:
 
 
 def _canonical_indices(indices: jax.Array, num_rows: int) -> jax.Array:
-  """Maps every index outside ``[0, num_rows)`` to ``num_rows`` (out of bounds: dropped)."""
+  """Maps every index outside ``[0, num_rows)`` to ``num_rows`` (out of bounds: dropped).
+
+  Indices too narrow to hold ``num_rows`` (uint8 ids of a 256-row table, uint16 ids of a
+  65,536-row vocabulary) are widened to int32 first, so the marker cannot wrap around.
+  """
   indices = jnp.asarray(indices)
+  if jnp.iinfo(indices.dtype).max < num_rows:
+    indices = indices.astype(jnp.int32)
   valid = (indices >= 0) & (indices < num_rows)
   return jnp.where(valid, indices, num_rows).astype(indices.dtype)
 
@@ -140,6 +148,8 @@ def _dedupe(indices: jax.Array, values: jax.Array, num_rows: int):
 def _gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
   """Rows of ``table`` at sorted ``rows``; an out-of-range row (padding) reads the last row,
   whose result the scatter drops (clamping is cheaper than a filled gather)."""
+  if table.shape[0] == 0:  # every index is padding
+    return jnp.zeros((rows.shape[0], *table.shape[1:]), table.dtype)
   rows = jnp.minimum(rows, table.shape[0] - 1)
   return table.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)
 
@@ -338,7 +348,11 @@ def lazy(
   elementwise inner optimizer (sgd, momentum, rmsprop, adagrad, adam, adamw, lion, ...): an
   inner update that reduces over the rows (global norms, trust ratios, factored moments)
   raises ``ValueError`` when traced. On the rows it touches, the sparse path equals the
-  dense path with ``freeze_state=True`` on the equivalent dense gradient.
+  dense path with ``freeze_state=True`` on the equivalent dense gradient, except for 1-D
+  tables: the sparse path takes each index of a 1-D table as a row of its own (a per-item
+  bias), where the dense path masks a 1-D leaf as a whole. Inner wrappers that accumulate
+  across calls (``optax.MultiSteps``, ``optax.apply_every``, ``od.accumulate``) raise
+  ``ValueError``: accumulate outside, ``od.accumulate(od.lazy(...), k)``.
 
   Args:
     inner: the optimizer to make lazy.
@@ -389,7 +403,20 @@ def lazy(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return LazyState(touched_rows=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+    inner_state = inner.init(params)
+    # A wrapper that accumulates across calls and applies later would apply, and reset, only
+    # the rows of the call that emits: every other row's gradients would be lost.
+    for accumulating in (
+      optax.MultiStepsState,
+      optax.ApplyEvery,
+      _accumulation.AccumulateState,
+    ):
+      if _state.find_states(inner_state, accumulating):
+        raise ValueError(
+          f"od.lazy: inner holds a {accumulating.__name__}: accumulate outside the lazy "
+          "optimizer, e.g. od.accumulate(od.lazy(adam), k) on dense gradients"
+        )
+    return LazyState(touched_rows=jnp.zeros([], jnp.int32), inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_row_sparse)

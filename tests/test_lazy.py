@@ -797,3 +797,55 @@ def test_sparse_and_dense_paths_agree_in_mixed_precision():
   np.testing.assert_array_equal(
     od.apply_updates(params, u_sparse)["embed"], optax.apply_updates(params, u_dense)["embed"]
   )
+
+
+@pytest.mark.parametrize(
+  "dtype, num_rows",
+  [(jnp.uint8, 256), (jnp.int8, 128), (jnp.uint16, 65536), (jnp.int16, 40000)],
+)
+def test_indices_too_narrow_for_the_padding_marker_are_widened(dtype, num_rows):
+  """The padding marker is num_rows: in uint8 ids of a 256-row table it wrapped to row 0."""
+  table = jnp.zeros((num_rows, 2))
+  last = min(num_rows - 1, int(jnp.iinfo(dtype).max))  # the last row the dtype can name
+  ids = jnp.array([3, last, 3], dtype)
+  sparse = od.RowSparse(ids, jnp.ones((3, 2)))
+  want = np.zeros((num_rows, 2))
+  want[[3, last]] = [[-2.0, -2.0], [-1.0, -1.0]]
+  tx = od.lazy(optax.sgd(1.0))
+  updates, _ = tx.update({"e": sparse}, tx.init({"e": table}), {"e": table})
+  np.testing.assert_array_equal(od.apply_updates({"e": table}, updates)["e"], want)
+  np.testing.assert_array_equal(table + sparse, -want)  # __radd__ scatters too
+
+  def loss(params, rows):
+    return jnp.sum(rows[:, 0] * jnp.arange(1.0, 4.0))
+
+  grad_fn = od.row_sparse_grad(loss, table="e")
+  table = jnp.arange(num_rows * 2, dtype=jnp.float32).reshape(num_rows, 2)
+  value, grads = grad_fn({"e": table}, ids)
+  assert float(value) == float(table[3, 0] + 2 * table[last, 0] + 3 * table[3, 0])
+  dense = np.zeros((num_rows, 2))
+  dense[3, 0], dense[last, 0] = 4.0, 2.0
+  np.testing.assert_array_equal(grads["e"].todense(num_rows), dense)
+
+
+def test_a_row_sparse_gradient_on_an_empty_table_is_a_no_op():
+  table = {"e": jnp.zeros((0, 2))}
+  tx = od.lazy(optax.adam(0.1))
+  sparse = od.RowSparse(jnp.array([0, 3]), jnp.ones((2, 2)))
+  updates, _ = tx.update({"e": sparse}, tx.init(table), table)
+  assert od.apply_updates(table, updates)["e"].shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+  "inner",
+  [
+    optax.MultiSteps(optax.sgd(1.0), 2).gradient_transformation(),
+    optax.chain(optax.apply_every(2), optax.sgd(1.0)),
+    od.accumulate(optax.sgd(1.0), 2),
+  ],
+  ids=["MultiSteps", "apply_every", "accumulate"],
+)
+def test_accumulating_inner_optimizers_are_refused(inner):
+  """They would apply, and reset, only the rows of the emitting call."""
+  with pytest.raises(ValueError, match="accumulate outside"):
+    od.lazy(inner).init({"e": jnp.ones((3, 2))})
