@@ -1,5 +1,6 @@
 """``od.derive``: the derived techniques composed around a base optimizer, in order."""
 
+import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -136,7 +137,8 @@ def derive(
       multipliers of ``learning_rate``, counted in real updates.
     paramwise_lr: ``{patterns: multiplier}`` rules of :func:`scale_by_path`.
     clip: a max norm for hard global clipping, or a clipping transformation.
-    grad_accum_steps: micro-batches per real update (:func:`accumulate`).
+    grad_accum_steps: micro-batches per real update (:func:`accumulate`), or a schedule of
+      the real-update count.
     lookahead: ``(sync_period, slow_step_size)`` of :func:`lookahead`.
     lazy: patterns of the embedding leaves updated lazily (:func:`lazy` around ``base``).
     ema: the decay of a parameter EMA (:func:`param_ema`) kept last; read it with
@@ -168,15 +170,24 @@ def derive(
     ...           "Norm": {"scale": jnp.ones(2)}}
     >>> state = tx.init(params)
   """
-  _checks.check_positive("learning_rate", learning_rate)
+  _checks.check_positive("learning_rate", learning_rate, finite=True)
   _checks.check_int("grad_accum_steps", grad_accum_steps)
-  _checks.check_range("weight_decay", weight_decay, low=0.0)
+  _checks.check_range("weight_decay", weight_decay, low=0.0, high=math.inf, high_open=True)
+  _checks.check_bool("layer_adaptation", layer_adaptation)
+  _checks.check_bool("bias_correction", bias_correction)
   if ema is not None:
     _checks.check_range("ema", ema, low=0.0, high=1.0, high_open=True)
+  if base is not None and not isinstance(base, optax.GradientTransformation):
+    raise ValueError(
+      f"base must be an optax.GradientTransformation (e.g. optax.scale_by_lion(), not the "
+      f"factory), got {base!r}"
+    )
   parts = []
   if isinstance(clip, optax.GradientTransformation):
     parts.append(clip)
   elif clip is not None:
+    if callable(clip) and not isinstance(clip, jax.Array):
+      raise ValueError(f"clip must be a max norm or a GradientTransformation, got {clip!r}")
     _checks.check_positive("clip", clip)
     parts.append(_clipping.clip_norm(clip))
   if base is None:
@@ -188,7 +199,9 @@ def derive(
   elif not bias_correction:
     raise ValueError("bias_correction=False applies to the default Adam base; got a base too")
   parts.append(base if lazy is None else _lazy.lazy(base, include=lazy))
-  if callable(weight_decay) or weight_decay != 0:
+  # A Python 0 leaves weight decay out; anything else (a schedule, or the arrays and tracers
+  # that optax.inject_hyperparams passes, whose value the structure cannot depend on) keeps it.
+  if not isinstance(weight_decay, int | float) or weight_decay != 0:
     parts.append(_derived.weight_decay(weight_decay, exclude=exclude_from_weight_decay))
   elif exclude_from_weight_decay:
     raise ValueError("exclude_from_weight_decay needs weight_decay > 0")
@@ -208,6 +221,6 @@ def derive(
     tx = _lookahead.lookahead(tx, *lookahead)
   if ema is not None:
     tx = optax.chain(tx, _ema.param_ema(ema))
-  if grad_accum_steps > 1:
+  if not isinstance(grad_accum_steps, int) or grad_accum_steps > 1:  # (as weight_decay above)
     tx = _accumulation.accumulate(tx, grad_accum_steps)
   return tx

@@ -181,22 +181,40 @@ def piecewise_linear(points: Mapping[int, float], scale: float = 1.0) -> optax.S
   """
   if not isinstance(points, Mapping) or not points:
     raise ValueError(f"points must be a non-empty {{step: multiplier}} mapping, got {points!r}")
-  steps, values = [], []
-  for step, value in sorted(points.items()):
-    if isinstance(step, bool) or not float(step).is_integer() or step < 0:
+  parsed = {}
+  for step, value in points.items():
+    try:  # steps are cast with int(), as the reference does: JSON configs give "1000"
+      exact = not isinstance(step, bool) and float(step) == int(float(step))
+    except (TypeError, ValueError):
+      exact = False
+    if not exact or int(float(step)) < 0:
       raise ValueError(f"points: steps must be integers >= 0, got {step!r}")
-    if not math.isfinite(float(value)):
-      raise ValueError(f"points: multipliers must be finite, got {value!r} at step {step}")
-    steps.append(int(step))
-    values.append(float(value))
-  _checks.check_range("scale", scale)
+    if int(float(step)) in parsed:
+      raise ValueError(f"points: the step {step!r} is given twice")
+    value = _checks.concrete_scalar(value)
+    if value is None or not math.isfinite(value):
+      raise ValueError(f"points: multipliers must be finite numbers, got {points[step]!r}")
+    parsed[int(float(step))] = value
+  _checks.check_range("scale", scale, schedule=False)
+  if not math.isfinite(float(scale)):
+    raise ValueError(f"scale must be finite, got {scale!r}")
+  steps = sorted(parsed)
+  values = [parsed[k] * float(scale) for k in steps]
   if steps[0] > 0:
     steps.insert(0, 0)
     values.insert(0, 0.0)
-  xs = np.asarray(steps, np.float32)
-  ys = np.asarray(values, np.float32) * np.float32(scale)
 
   def schedule(count):
-    return jnp.interp(jnp.asarray(count, jnp.float32), xs, ys)
+    # t - k is taken in the count's own (integer) dtype, exact however large the steps, and
+    # only the fraction of a segment is rounded to float32; the keys give their values exactly.
+    t = jnp.asarray(count)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+      t = t.astype(jnp.float32)
+    result = jnp.float32(values[-1])
+    segments = zip(steps[:-1], steps[1:], values[:-1], values[1:], strict=True)
+    for k0, k1, v0, v1 in reversed(list(segments)):
+      frac = (t - k0).astype(jnp.float32) / np.float32(k1 - k0)
+      result = jnp.where(t < k1, np.float32(v0) + np.float32(v1 - v0) * frac, result)
+    return jnp.where(t < steps[0], jnp.float32(values[0]), result)
 
   return schedule

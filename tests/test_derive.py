@@ -177,7 +177,7 @@ def test_the_bert_recipe_scans_and_keeps_bf16():
 @pytest.mark.parametrize(
   "kwargs, message",
   [
-    (dict(learning_rate=0.0), "learning_rate must be > 0"),
+    (dict(learning_rate=0.0), "learning_rate must be finite and > 0"),
     (dict(learning_rate=1e-3, grad_accum_steps=0), "grad_accum_steps must be an integer >= 1"),
     (dict(learning_rate=1e-3, clip=-1.0), "clip must be > 0"),
     (dict(learning_rate=1e-3, exclude_from_weight_decay="bias"), "needs weight_decay > 0"),
@@ -198,3 +198,27 @@ def test_the_bert_recipe_scans_and_keeps_bf16():
 def test_invalid_combinations_raise_value_error(kwargs, message):
   with pytest.raises(ValueError, match=message):
     od.derive(**kwargs)
+
+
+def test_inject_hyperparams_under_jit_and_scan():
+  """inject_hyperparams injects the numeric defaults too (weight_decay=0.0,
+  grad_accum_steps=1): traced, they must not decide the chain's structure."""
+  params = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray([0.1])}
+  grads = jax.tree.map(lambda p: jnp.stack([0.3 * p + 0.1 * t for t in range(6)]), params)
+  injected = optax.inject_hyperparams(od.derive)(learning_rate=1e-2, weight_decay=0.01)
+  plain = od.derive(1e-2, weight_decay=0.01)
+  want, _, _ = run_scan(plain, params, grads)
+  got, state, _ = run_scan(injected, params, grads)
+  assert_trees_close(got, want, rtol=1e-6)
+  assert float(state.hyperparams["weight_decay"]) == pytest.approx(0.01)
+
+
+def test_grad_accum_steps_may_be_a_schedule():
+  params = {"w": jnp.ones(2)}
+  tx = od.derive(0.1, base=optax.identity(), grad_accum_steps=lambda step: 1 + step)
+  state = tx.init(params)
+  emitted = []
+  for _ in range(6):  # windows of 1, 2, 3 micro-batches
+    _, state = tx.update({"w": jnp.ones(2)}, state, params)
+    emitted.append(bool(od.has_updated(state)))
+  assert emitted == [True, False, True, False, False, True]

@@ -269,3 +269,15 @@ def test_weight_decay_needs_params():
   tx = od.weight_decay(0.1)
   with pytest.raises(ValueError, match="od.weight_decay needs the current params"):
     tx.update({"w": jnp.ones(1)}, tx.init({"w": jnp.ones(1)}))
+
+
+def test_piecewise_linear_takes_string_keys_and_large_steps():
+  """Keys are cast with int() as in the reference (JSON configs give strings), and sorted
+  as integers; t - k is exact in integers, so steps past 2^24 keep their resolution."""
+  schedule = od.piecewise_linear({"2000": 0.1, "1000": 1.0, 30: 0.5})
+  want = np.interp([0, 15, 30, 1000, 1500, 2000, 9000], [0, 30, 1000, 2000], [0, 0.5, 1, 0.1])
+  got = [float(schedule(t)) for t in (0, 15, 30, 1000, 1500, 2000, 9000)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  big = od.piecewise_linear({100_000_000: 0.0, 100_000_004: 1.0})
+  got = [float(big(jnp.int32(100_000_000 + i))) for i in range(6)]
+  np.testing.assert_allclose(got, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
