@@ -33,11 +33,15 @@ def _key_name(key: Any) -> str:
 
 
 def path_str(key_path: Sequence[Any]) -> str:
-  """Joins a JAX key path into the ``"a/b/0/c"`` form (dropping an nnx ``.value``)."""
-  keys = list(key_path)
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys.pop()
-  return "/".join(_key_name(k) for k in keys)
+  """Joins a JAX key path into the ``"a/b/0/c"`` form."""
+  return "/".join(_key_name(k) for k in key_path)
+
+
+def _is_nnx_variable(x: Any) -> bool:
+  """A Flax nnx ``Variable`` (checked by class, so flax need not be installed)."""
+  return any(
+    c.__name__ == "Variable" and c.__module__.startswith("flax.nnx") for c in type(x).__mro__
+  )
 
 
 def tree_paths(tree: Any) -> Any:
@@ -49,7 +53,13 @@ def tree_paths(tree: Any) -> Any:
     >>> od.tree_paths({"dense": {"kernel": jnp.ones(2)}, "layers": [jnp.ones(1)]})
     {'dense': {'kernel': 'dense/kernel'}, 'layers': ['layers/0']}
   """
-  return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
+
+  def path_of(key_path, x):
+    if _is_nnx_variable(x):  # its value gets the Variable's own path, without ".value"
+      return jax.tree.map(lambda _: path_str(key_path), x)
+    return path_str(key_path)
+
+  return jax.tree_util.tree_map_with_path(path_of, tree, is_leaf=_is_nnx_variable)
 
 
 def compile_patterns(patterns: Patterns | None, *, argname: str) -> tuple[re.Pattern, ...]:

@@ -1,6 +1,7 @@
 """The path convention on dicts, FrozenDicts, Flax linen params and nnx.State."""
 
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,19 @@ def test_nnx_state_and_its_plain_arrays_have_the_same_paths():
   with_variables = jax.tree.leaves(od.tree_paths(state))
   plain = jax.tree.leaves(od.tree_paths(nnx.as_pure(state)))
   assert with_variables == plain == ["dense/bias", "dense/kernel", "norm/bias", "norm/scale"]
+
+
+def test_a_field_named_value_keeps_its_name_outside_nnx():
+  """Only an nnx Variable's value drops its ".value": a NamedTuple's field does not."""
+
+  class QKV(NamedTuple):
+    query: jax.Array
+    value: jax.Array
+
+  tree = {"attn": QKV(jnp.ones(1), jnp.ones(1))}
+  assert od.tree_paths(tree) == {"attn": QKV("attn/query", "attn/value")}
+  mask = od.path_mask("attn/value")(tree)
+  assert mask == {"attn": QKV(False, True)}
 
 
 def test_path_mask_is_an_optax_mask_under_nnx_optimizer():
