@@ -105,7 +105,9 @@ def layer_adaptation(*, exclude: _paths.Patterns = ()) -> optax.GradientTransfor
   (``optax.scale_by_trust_ratio()``, with the norms in at least float32, each reduced once),
   with what ``optax.lamb`` lacks:
   ``exclude`` patterns for the leaves (LayerNorm scales, biases) that pass unchanged. Place it
-  after the base optimizer and weight decay, before the learning rate.
+  after the base optimizer and weight decay, before the learning rate. As in optax, the
+  norms are plain float32 (or wider) sums of squares: a leaf whose squares overflow (entries
+  beyond about 1e19) gets a ratio of 0, and one whose squares all underflow a ratio of 1.
 
   Args:
     exclude: patterns (regexes searched in the leaf paths) of leaves left unchanged.

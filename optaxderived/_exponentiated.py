@@ -307,9 +307,9 @@ def eg_plus_minus(
     Z = \sum_j \left(u_j r_j + v_j / r_j\right), \qquad
     u_{t+1} = U\, u_t \odot r / Z, \qquad v_{t+1} = U\, v_t / (r Z),
 
-  computed in log space, so :math:`\sum (u + v) = U` at every step (and :math:`\|\theta\|_1
-  < U`). There :math:`s = (U - \|\theta_0\|_1) / (2n)` (:math:`n` the number of entries)
-  makes :math:`\sum(u_0 + v_0) = U`, and ``init_scale`` is not used.
+  computed in log space, so :math:`\sum (u + v) = U` at every step, up to rounding (and
+  :math:`\|\theta\|_1 < U`). There :math:`s = (U - \|\theta_0\|_1) / (2n)` (:math:`n` the
+  number of entries) makes :math:`\sum(u_0 + v_0) = U`, and ``init_scale`` is not used.
 
   The emitted update moves the params to :math:`u_{t+1} - v_{t+1}`
   (``u_new − v_new − params``), so params in a low-precision dtype do not drift from the
