@@ -130,31 +130,37 @@ def lookahead(
     step = optax.safe_increment(state.step)
     sync = step % sync_period == 0
 
-    def jump(u, p, s):
-      """The update that moves the params onto the new slow weights, in the update's dtype."""
-      if alpha_is_one:  # the fast step itself: exactly the inner optimizer
-        return u
+    def slow_leaf(u, p, s):
+      if alpha_is_one:  # the fast params: the update stays the inner one, exactly
+        return (p + u).astype(p.dtype)
       fast = (p + u).astype(p.dtype)  # the fast params, as optax.apply_updates gives them
-      return (s + alpha * (fast - s) - p).astype(u.dtype)
+      target = s + alpha * (fast - s)
+      # Where the params land: p plus the jump rounded to the update's dtype, rounded as
+      # optax.apply_updates rounds it, so that after a sync the params equal the slow weights.
+      return (p + (target - p).astype(u.dtype)).astype(p.dtype)
 
     # Branch-free, as optax.lookahead: both sides are computed and one is selected, so every
-    # step reads and writes the same buffers and XLA fuses it all with the inner update.
+    # step reads and writes the same buffers and XLA fuses it all with the inner update. The
+    # update is then taken from the new slow weights (not from the old ones, which the new
+    # ones overwrite in place): p + (slow - p) is slow again, as the sum was rounded once.
     try:
-      jumps = jax.tree.map(jump, fast_updates, params, state.slow)
+      slow = jax.tree.map(
+        lambda u, p, s: jnp.where(sync, slow_leaf(u, p, s), s).astype(s.dtype),
+        fast_updates,
+        params,
+        state.slow,
+      )
     except ValueError as error:
       raise ValueError(
         "lookahead: the updates, params and slow weights must have the same tree "
         f"structure: {error}"
       ) from None
-    # The new slow weights are where the params land, p + jump rounded as optax.apply_updates
-    # rounds it, so that after a sync the params equal lookahead_params(state) exactly.
-    slow = jax.tree.map(
-      lambda j, p, s: jnp.where(sync, (p + j).astype(p.dtype), s).astype(s.dtype),
-      jumps,
-      params,
-      state.slow,
-    )
-    new_updates = jax.tree.map(lambda j, u: jnp.where(sync, j, u), jumps, fast_updates)
+    if alpha_is_one:
+      new_updates = fast_updates
+    else:
+      new_updates = jax.tree.map(
+        lambda u, p, s: jnp.where(sync, s - p, u).astype(u.dtype), fast_updates, params, slow
+      )
     if reset_inner_state:
       fresh = inner.init(slow)
       inner_state = jax.tree.map(
