@@ -154,15 +154,7 @@ def accumulate(
   if isinstance(accumulator_dtype, jax.Array | np.ndarray):
     # optax.inject_hyperparams takes the (callable) dtype for a schedule and passes its value.
     accumulator_dtype = accumulator_dtype.dtype
-  try:
-    acc_dtype = jnp.dtype(accumulator_dtype)
-  except TypeError as error:
-    raise ValueError(
-      f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}"
-    ) from error
-  if not jnp.issubdtype(acc_dtype, jnp.floating):
-    raise ValueError(f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}")
-  acc_dtype = jax.dtypes.canonicalize_dtype(acc_dtype)
+  acc_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

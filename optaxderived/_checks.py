@@ -86,7 +86,7 @@ def check_positive(name: str, value: Any, *, finite: bool = False) -> None:
 def check_float_dtype(name: str, value: Any) -> Any:
   """``value`` as a canonical floating dtype; ``ValueError`` naming ``name`` otherwise."""
   try:
-    dtype = np.dtype(value)
+    dtype = jnp.dtype(value)
   except TypeError:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):

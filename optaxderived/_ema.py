@@ -123,13 +123,7 @@ def param_ema(
   _checks.check_range("decay", decay, low=0.0, high=1.0, high_open=True, schedule=False)
   _checks.check_bool("debias", debias)
   if accumulator_dtype is not None:
-    try:
-      dtype = jnp.dtype(accumulator_dtype)
-    except TypeError:
-      dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}")
-    accumulator_dtype = jax.dtypes.canonicalize_dtype(dtype)
+    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
 
   def init_fn(params):
     def leaf(p):
