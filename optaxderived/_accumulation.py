@@ -89,7 +89,7 @@ def accumulate(
       count of calls, i.e. micro steps.
     accumulator_dtype: the narrowest floating dtype of the accumulator: each leaf sums in
       it promoted with its param's dtype (float32 by default, so bf16 gradients are summed
-      in float32 and float64 ones in float64; None is the default); the window mean reaches
+      in float32 and float64 ones in float64; None means the same); the window mean reaches
       ``inner`` in the gradients' dtype.
     skip_nonfinite: drop a micro-batch whose gradient or weight holds a NaN or an Inf: it
       is neither added nor counted toward ``every_k``, the call emits zeros and

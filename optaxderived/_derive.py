@@ -186,7 +186,7 @@ def derive(
   if isinstance(clip, optax.GradientTransformation):
     parts.append(clip)
   elif clip is not None:
-    if callable(clip) and not isinstance(clip, jax.Array):
+    if callable(clip):  # e.g. the optax.adam factory: neither a number nor a transformation
       raise ValueError(f"clip must be a max norm or a GradientTransformation, got {clip!r}")
     _checks.check_positive("clip", clip)
     parts.append(_clipping.clip_norm(clip))
