@@ -131,9 +131,9 @@ def lookahead(
     sync = step % sync_period == 0
 
     def slow_leaf(u, p, s):
-      if alpha_is_one:  # the fast params: the update stays the inner one, exactly
-        return (p + u).astype(p.dtype)
       fast = (p + u).astype(p.dtype)  # the fast params, as optax.apply_updates gives them
+      if alpha_is_one:  # the update stays the inner one, exactly
+        return fast
       target = s + alpha * (fast - s)
       # Where the params land: p plus the jump rounded to the update's dtype, rounded as
       # optax.apply_updates rounds it, so that after a sync the params equal the slow weights.
