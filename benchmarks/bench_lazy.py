@@ -2,7 +2,7 @@
 
 Each step touches a fixed number of distinct rows (0.1%, 1%, 10% of the table). Ours is the
 step a user writes with a row-sparse gradient: ``od.lazy(optax.adam)`` on an
-``od.RowSparse`` plus ``od.apply_updates``. The baseline is dense ``optax.adam`` on the
+``od.sparse.RowSparse`` plus ``od.sparse.apply_updates``. The baseline is dense ``optax.adam`` on the
 equivalent dense gradient plus ``optax.apply_updates``. Both are jitted with params and
 state donated and timed alternately, so each of our steps starts with a cold cache, as in a
 real training loop.
@@ -43,7 +43,7 @@ def _batch(fraction: float):
     k_idx, k_val = jax.random.split(key)
     indices = jax.random.choice(k_idx, rows, (touched,), replace=False).astype(jnp.int32)
     values = jax.random.normal(k_val, (touched, DIM), jnp.float32)
-    sparse = od.RowSparse(indices, values)
+    sparse = od.sparse.RowSparse(indices, values)
     return {"sparse": sparse, "dense": sparse.todense(rows)}
 
   return batch
@@ -55,7 +55,7 @@ def _sparse_subject(lr: float) -> Subject:
   def step(carry, batch):
     params, state = carry
     updates, state = tx.update({"embedding": batch["sparse"]}, state, params)
-    return od.apply_updates(params, updates), state
+    return od.sparse.apply_updates(params, updates), state
 
   return Subject("od.lazy(adam) + RowSparse", lambda p: (p, tx.init(p)), step)
 

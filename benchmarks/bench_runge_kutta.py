@@ -1,4 +1,4 @@
-"""ODE steppers: a jitted ``od.heun`` / ``od.rk4`` step against one jitted SGD step.
+"""ODE steppers: a jitted ``od.ode.heun`` / ``od.ode.rk4`` step against one jitted SGD step.
 
 The loss is a small MLP (2 layers, 256 hidden, batch 512 at ``scale=1``), so a step costs
 what its gradient evaluations cost: Heun makes 2 per step, RK4 makes 4. The baseline is
@@ -47,7 +47,7 @@ def mlp_loss(params, batch):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def stepper_subject(name: str, stepper: od.Stepper) -> Subject:
+def stepper_subject(name: str, stepper: od.ode.Stepper) -> Subject:
   def step(carry, batch):
     params, state = carry
     params, state, _ = stepper.step(mlp_loss, params, state, batch)
@@ -102,8 +102,8 @@ def _rk4_by_hand(p, g):
 
 
 def cases() -> list[Case]:
-  heun = stepper_subject(f"od.heun({LEARNING_RATE}).step", od.heun(LEARNING_RATE))
-  rk4 = stepper_subject(f"od.rk4({LEARNING_RATE}).step", od.rk4(LEARNING_RATE))
+  heun = stepper_subject(f"od.ode.heun({LEARNING_RATE}).step", od.ode.heun(LEARNING_RATE))
+  rk4 = stepper_subject(f"od.ode.rk4({LEARNING_RATE}).step", od.ode.rk4(LEARNING_RATE))
   return [
     Case(
       "runge_kutta_heun_mlp",

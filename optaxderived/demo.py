@@ -39,7 +39,7 @@ class Row:
     batch_size: examples per call (the row makes ``steps * 128 / batch_size`` calls).
     eval_params: ``(opt_state, params) -> params`` to evaluate with (default: params).
     grad_fn: pass ``grad_fn=`` (the gradient of the same loss on the same batch) to
-      ``update``, as the ODE steppers of ``od.as_transformation`` need.
+      ``update``, as the ODE steppers of ``od.ode.as_transformation`` need.
   """
 
   make: Callable[[], optax.GradientTransformation]
@@ -96,12 +96,12 @@ ROWS: dict[str, Row] = {
     "adam with EG step-size adaptation: a gain per leaf, γ=0.05 (cosine, clipped)",
   ),
   "heun": Row(
-    lambda: od.as_transformation(od.heun(1.0)),
+    lambda: od.ode.as_transformation(od.ode.heun(1.0)),
     "Heun's method on the gradient flow, h=1 (2 gradients per call)",
     grad_fn=True,
   ),
   "rk23": Row(
-    lambda: od.as_transformation(od.rk23(0.5, rtol=1e-2, atol=1e-3, max_step_size=2.0)),
+    lambda: od.ode.as_transformation(od.ode.rk23(0.5, rtol=1e-2, atol=1e-3, max_step_size=2.0)),
     "adaptive RK23, h≤2 (4 gradients per call; a rejected call leaves the params)",
     grad_fn=True,
   ),

@@ -651,7 +651,9 @@ def test_bad_accumulator_dtype_raises(dtype):
 
 
 def test_inner_must_be_a_transformation():
-  with pytest.raises(TypeError, match="accumulate: inner"):
+  with pytest.raises(
+    ValueError, match="od.accumulate: inner must be an optax.GradientTransformation"
+  ):
     od.accumulate(0.1, 2)
 
 

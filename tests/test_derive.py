@@ -177,7 +177,7 @@ def test_the_bert_recipe_scans_and_keeps_bf16():
 @pytest.mark.parametrize(
   "kwargs, message",
   [
-    (dict(learning_rate=0.0), "learning_rate must be finite and > 0"),
+    (dict(learning_rate=-1e-3), "learning_rate must be finite and >= 0.0"),
     (dict(learning_rate=1e-3, grad_accum_steps=0), "grad_accum_steps must be an integer >= 1"),
     (dict(learning_rate=1e-3, clip=-1.0), "clip must be > 0"),
     (dict(learning_rate=1e-3, exclude_from_weight_decay="bias"), "needs weight_decay > 0"),

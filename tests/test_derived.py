@@ -257,7 +257,7 @@ def test_nnx_optimizer_with_exclusions():
     (lambda: od.piecewise_linear({-1: 1.0}), "steps must be integers >= 0, got -1"),
     (lambda: od.piecewise_linear({1.5: 1.0}), "steps must be integers >= 0, got 1.5"),
     (lambda: od.piecewise_linear({1: float("nan")}), "multipliers must be finite"),
-    (lambda: od.piecewise_linear({1: 1.0}, scale=float("nan")), "scale must be in"),
+    (lambda: od.piecewise_linear({1: 1.0}, scale=float("nan")), "scale must be finite"),
   ],
 )
 def test_bad_hyperparameters_raise_value_error(make, message):

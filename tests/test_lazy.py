@@ -1,4 +1,4 @@
-"""od.lazy, od.RowSparse, od.apply_updates, od.row_sparse_grad (issue 5).
+"""od.lazy, od.sparse.RowSparse, od.sparse.apply_updates, od.sparse.row_sparse_grad (issue 5).
 
 References: NumPy float64 Adam / LazyAdam loops written from the formulas, the worked example
 of SPEC-techniques.md section 6, optax's own optimizers (touched rows and all-rows-touched
@@ -114,15 +114,15 @@ def to_row_sparse(dense, rng, *, pad=0, split=True, size=16):
   for j in range(max(pad, size - len(indices))):
     indices.append(junk[j % 4])
     values.append(rng.normal(size=dense.shape[1:]) if j < pad else np.zeros(dense.shape[1:]))
-  return od.RowSparse(
+  return od.sparse.RowSparse(
     jnp.asarray(indices, jnp.int32), jnp.asarray(np.stack(values), jnp.float32)
   )
 
 
 def run_steps(tx, params, grads_seq, state=None):
-  """update + od.apply_updates, jitted once; returns params, state, updates of each step."""
+  """update + od.sparse.apply_updates, jitted once; returns params, state, updates of each step."""
   step = jax.jit(
-    lambda p, s, g: (lambda u, s: (od.apply_updates(p, u), s, u))(*tx.update(g, s, p))
+    lambda p, s, g: (lambda u, s: (od.sparse.apply_updates(p, u), s, u))(*tx.update(g, s, p))
   )
   state, all_updates = tx.init(params) if state is None else state, []
   for grads in grads_seq:
@@ -281,7 +281,7 @@ def _sparse_and_dense(tx_sparse, tx_dense, params, sparse_seq, dense_seq):
     def step(carry, grads):
       p, s = carry
       u, s = tx.update(grads, s, p)
-      return (od.apply_updates(p, u), s), u
+      return (od.sparse.apply_updates(p, u), s), u
 
     return jax.lax.scan(step, (params, tx.init(params)), seq)
 
@@ -304,9 +304,9 @@ def test_row_sparse_equals_dense_lazy_with_frozen_state(name):
   )
   assert_trees_close(p1, p2, rtol=2e-5, atol=2e-6)
   assert_trees_close(s1.inner_state, s2.inner_state, rtol=2e-5, atol=2e-6)
-  assert isinstance(u1["embed"], od.RowSparse)
+  assert isinstance(u1["embed"], od.sparse.RowSparse)
   for t in range(len(grads_seq)):
-    sparse_t = od.RowSparse(u1["embed"].indices[t], u1["embed"].values[t])
+    sparse_t = od.sparse.RowSparse(u1["embed"].indices[t], u1["embed"].values[t])
     np.testing.assert_allclose(sparse_t.todense(6), u2["embed"][t], rtol=2e-5, atol=2e-6)
   assert_trees_close(u1["dense"], u2["dense"], rtol=2e-5, atol=2e-6)
   np.testing.assert_array_equal(s1.touched_rows, s2.touched_rows)
@@ -350,7 +350,7 @@ def test_row_sparse_under_jit_and_scan_with_optax_apply_updates():
   )
   ref = np_lazy_adam(params, grads_seq, lr=0.05, freeze=True, lazy_leaves={"embed"})
   assert_trees_close(final, ref[0], rtol=1e-5, atol=1e-6)
-  assert isinstance(updates["embed"], od.RowSparse)
+  assert isinstance(updates["embed"], od.sparse.RowSparse)
   assert updates["embed"].indices.shape == (5, 8)
 
 
@@ -366,7 +366,7 @@ def test_padding_has_no_effect():
     padded.append(
       {
         **g,
-        "embed": od.RowSparse(
+        "embed": od.sparse.RowSparse(
           jnp.concatenate([junk[:2], s.indices, junk[2:]]),
           jnp.concatenate([jnp.full((2, 3), 7.0), s.values, jnp.full((2, 3), -3.0)]),
         ),
@@ -377,7 +377,10 @@ def test_padding_has_no_effect():
   assert_trees_close(p1, p2, rtol=0)
   assert_trees_close(s1, s2, rtol=0)
   # Padding only: nothing moves but Adam's count.
-  only = {**jax.tree.map(jnp.zeros_like, params), "embed": od.RowSparse(junk, jnp.ones((4, 3)))}
+  only = {
+    **jax.tree.map(jnp.zeros_like, params),
+    "embed": od.sparse.RowSparse(junk, jnp.ones((4, 3))),
+  }
   p3, s3, u3 = run_steps(tx, p2, [only], state=s2)
   np.testing.assert_array_equal(p3["embed"], p2["embed"])
   np.testing.assert_array_equal(
@@ -390,10 +393,10 @@ def test_padding_has_no_effect():
 def test_duplicates_are_summed():
   params = {"embed": jnp.zeros((4, 2))}
   tx = od.lazy(optax.sgd(1.0, momentum=0.5))
-  dup = od.RowSparse(
+  dup = od.sparse.RowSparse(
     jnp.array([2, 0, 2, 2]), jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [-1.0, 0.5]])
   )
-  one = od.RowSparse(jnp.array([0, 2]), jnp.array([[3.0, 4.0], [5.0, 8.5]]))
+  one = od.sparse.RowSparse(jnp.array([0, 2]), jnp.array([[3.0, 4.0], [5.0, 8.5]]))
   p1, s1, _ = run_steps(tx, params, [{"embed": dup}] * 2)
   p2, s2, _ = run_steps(tx, params, [{"embed": one}] * 2)
   assert_trees_close(p1, p2, rtol=1e-6)
@@ -406,8 +409,8 @@ def test_a_row_given_with_zero_values_counts_as_touched():
   on its momentum, where the dense mask would have frozen it."""
   params = {"embed": jnp.zeros((3, 2))}
   tx = od.lazy(optax.sgd(1.0, momentum=0.5))
-  first = od.RowSparse(jnp.array([1]), jnp.array([[1.0, 1.0]]))
-  zero = od.RowSparse(jnp.array([1]), jnp.array([[0.0, 0.0]]))
+  first = od.sparse.RowSparse(jnp.array([1]), jnp.array([[1.0, 1.0]]))
+  zero = od.sparse.RowSparse(jnp.array([1]), jnp.array([[0.0, 0.0]]))
   p, s, _ = run_steps(tx, params, [{"embed": first}, {"embed": zero}])
   np.testing.assert_allclose(p["embed"][1], [-1.5, -1.5])
   assert int(s.touched_rows) == 1
@@ -429,14 +432,14 @@ def test_row_sparse_tables_are_sharded_over_devices():
   }
   sharded = {**params, "embed": jax.device_put(params["embed"], rows)}
   grads = {
-    "embed": od.RowSparse(jnp.array([3, 60, 3, -1, 17], jnp.int32), jnp.ones((5, 4))),
+    "embed": od.sparse.RowSparse(jnp.array([3, 60, 3, -1, 17], jnp.int32), jnp.ones((5, 4))),
     "bias": jnp.ones(3),
   }
   tx = od.lazy(optax.adam(0.1))
 
   def step(p, s, g):
     u, s = tx.update(g, s, p)
-    return od.apply_updates(p, u), s
+    return od.sparse.apply_updates(p, u), s
 
   state = tx.init(sharded)
   assert optax.tree.get(state, "mu")["embed"].sharding.is_equivalent_to(rows, 2)
@@ -468,7 +471,10 @@ def test_row_sparse_tables_are_sharded_over_devices():
 )
 def test_non_elementwise_inner_optimizers_get_a_clear_error(inner):
   params = {"embed": jnp.ones((5, 3)), "w": jnp.ones((3, 2))}
-  grads = {"embed": od.RowSparse(jnp.array([1, 3]), jnp.ones((2, 3))), "w": jnp.ones((3, 2))}
+  grads = {
+    "embed": od.sparse.RowSparse(jnp.array([1, 3]), jnp.ones((2, 3))),
+    "w": jnp.ones((3, 2)),
+  }
   tx = od.lazy(inner)
   with pytest.raises(ValueError, match="elementwise"):
     jax.jit(tx.update)(grads, tx.init(params), params)
@@ -480,11 +486,11 @@ def test_non_elementwise_inner_optimizers_get_a_clear_error(inner):
 
 def test_a_transformation_mapping_over_a_row_sparse_is_caught():
   params = {"embed": jnp.ones((5, 3))}
-  grads = {"embed": od.RowSparse(jnp.array([1, 3]), jnp.ones((2, 3)))}
+  grads = {"embed": od.sparse.RowSparse(jnp.array([1, 3]), jnp.ones((2, 3)))}
   tx = optax.chain(od.lazy(optax.scale_by_adam()), optax.scale(-0.1))
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   with pytest.raises(ValueError, match="inside od.lazy"):
-    od.apply_updates(params, updates)
+    od.sparse.apply_updates(params, updates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,11 +500,11 @@ def test_a_transformation_mapping_over_a_row_sparse_is_caught():
 def test_apply_updates():
   params = {"a": jnp.ones((4, 2)), "b": jnp.ones(3, jnp.bfloat16), "c": None}
   updates = {
-    "a": od.RowSparse(jnp.array([1, 1, 3, -1, 4]), jnp.arange(10.0).reshape(5, 2)),
+    "a": od.sparse.RowSparse(jnp.array([1, 1, 3, -1, 4]), jnp.arange(10.0).reshape(5, 2)),
     "b": jnp.full(3, 0.5, jnp.float32),
     "c": None,
   }
-  new = od.apply_updates(params, updates)
+  new = od.sparse.apply_updates(params, updates)
   np.testing.assert_array_equal(new["a"], [[1, 1], [3, 5], [1, 1], [5, 6]])
   assert new["b"].dtype == jnp.bfloat16 and new["c"] is None
   dense = {**updates, "a": updates["a"].todense(4)}
@@ -513,17 +519,17 @@ def test_row_sparse_shape_errors():
   tx = od.lazy(optax.adam(0.1))
   state = tx.init(params)
   bad = [
-    (od.RowSparse(jnp.array([1.0]), jnp.ones((1, 3))), "integer"),
-    (od.RowSparse(jnp.array([[1]]), jnp.ones((1, 3))), "1-D"),
-    (od.RowSparse(jnp.array([1, 2]), jnp.ones((2, 4))), r"\[2, 3\]"),
+    (od.sparse.RowSparse(jnp.array([1.0]), jnp.ones((1, 3))), "integer"),
+    (od.sparse.RowSparse(jnp.array([[1]]), jnp.ones((1, 3))), "1-D"),
+    (od.sparse.RowSparse(jnp.array([1, 2]), jnp.ones((2, 4))), r"\[2, 3\]"),
   ]
   for g, message in bad:
     with pytest.raises(ValueError, match=message):
       tx.update({"embed": g}, state, params)
     with pytest.raises(ValueError, match=message):
-      od.apply_updates(params, {"embed": g})
+      od.sparse.apply_updates(params, {"embed": g})
   with pytest.raises(ValueError, match="needs the current params"):
-    tx.update({"embed": od.RowSparse(jnp.array([1]), jnp.ones((1, 3)))}, state)
+    tx.update({"embed": od.sparse.RowSparse(jnp.array([1]), jnp.ones((1, 3)))}, state)
   with pytest.raises(ValueError, match="does not match"):
     tx.update({"embed": jnp.ones((5, 3))}, state, {"other": jnp.ones((5, 3))})
 
@@ -533,7 +539,7 @@ def test_row_sparse_shape_errors():
 
 
 def test_hyperparameter_validation():
-  with pytest.raises(ValueError, match="inner must be an optax GradientTransformation, got 3"):
+  with pytest.raises(ValueError, match="inner must be an optax.GradientTransformation, got 3"):
     od.lazy(3)
   with pytest.raises(ValueError, match="freeze_state must be a bool, got 'yes'"):
     od.lazy(optax.adam(0.1), freeze_state="yes")
@@ -542,9 +548,9 @@ def test_hyperparameter_validation():
   with pytest.raises(ValueError, match="include must hold regex strings, got 3"):
     od.lazy(optax.adam(0.1), include=[3])
   with pytest.raises(ValueError, match="table must name at least one regex"):
-    od.row_sparse_grad(lambda p, r: 0.0, table=[])
+    od.sparse.row_sparse_grad(lambda p, r: 0.0, table=[])
   with pytest.raises(ValueError, match="has_aux must be a bool"):
-    od.row_sparse_grad(lambda p, r: 0.0, table="e", has_aux=None)
+    od.sparse.row_sparse_grad(lambda p, r: 0.0, table="e", has_aux=None)
 
 
 def test_include_pattern_that_matches_nothing_warns():
@@ -561,7 +567,7 @@ def test_state_is_stable_and_bf16_stays_bf16(sparse, freeze_state):
   grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), make_grads(1)[0])
   if sparse:
     s = to_row_sparse(grads["embed"], np.random.default_rng(8), pad=1)
-    grads["embed"] = od.RowSparse(s.indices, s.values.astype(jnp.bfloat16))
+    grads["embed"] = od.sparse.RowSparse(s.indices, s.values.astype(jnp.bfloat16))
   tx = od.lazy(optax.adam(0.1), include="embed|kernel", freeze_state=freeze_state)
   assert_state_stable(tx, params, grads)
   assert_keeps_dtype(tx, params, grads)
@@ -572,7 +578,7 @@ def test_inner_hyperparameters_can_be_injected_and_found():
   tx = od.lazy(optax.inject_hyperparams(optax.adam)(learning_rate=0.1), freeze_state=True)
   state = tx.init(params)
   state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.5)
-  g = od.RowSparse(jnp.array([2]), jnp.ones((1, 2)))
+  g = od.sparse.RowSparse(jnp.array([2]), jnp.ones((1, 2)))
   updates, state = jax.jit(tx.update)({"embed": g}, state, params)
   np.testing.assert_allclose(updates["embed"].values[0], [-0.5, -0.5], rtol=1e-6)
   assert float(optax.tree.get(state, "learning_rate")) == 0.5
@@ -591,7 +597,7 @@ def test_flax_train_state_and_nnx_optimizer():
   params = {"embed": jnp.ones((4, 2)), "w": jnp.ones(2)}
   tx = od.lazy(optax.adam(0.1), include="embed")
   state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
-  sparse = {"embed": od.RowSparse(jnp.array([1]), jnp.ones((1, 2))), "w": jnp.ones(2)}
+  sparse = {"embed": od.sparse.RowSparse(jnp.array([1]), jnp.ones((1, 2))), "w": jnp.ones(2)}
   state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, sparse)  # RowSparse too
   dense = {"embed": jnp.zeros((4, 2)).at[2].set(1.0), "w": jnp.ones(2)}
   state = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, dense)
@@ -658,14 +664,17 @@ def test_row_sparse_grad_equals_jax_grad_of_the_dense_lookup():
   }
   ids = jnp.asarray(rng.integers(0, 20, size=(5, 7)), jnp.int32)
   labels = jnp.asarray(rng.integers(0, 3, size=5), jnp.int32)
-  loss, grads = jax.jit(od.row_sparse_grad(_classifier_loss, table="embed"))(
+  loss, grads = jax.jit(od.sparse.row_sparse_grad(_classifier_loss, table="embed"))(
     params, ids, labels
   )
   dense_loss, dense = jax.jit(
     jax.value_and_grad(lambda p: _classifier_loss(p, p["embed"][ids], labels))
   )(params)
   np.testing.assert_allclose(loss, dense_loss, rtol=1e-6)
-  assert isinstance(grads["embed"], od.RowSparse) and grads["embed"].values.shape == (35, 4)
+  assert isinstance(grads["embed"], od.sparse.RowSparse) and grads["embed"].values.shape == (
+    35,
+    4,
+  )
   np.testing.assert_allclose(grads["embed"].todense(20), dense["embed"], rtol=1e-5, atol=1e-7)
   assert_trees_close({k: grads[k] for k in "wb"}, {k: dense[k] for k in "wb"}, rtol=1e-6)
   # Straight into od.lazy: equal to LazyAdam on the dense gradient.
@@ -682,7 +691,7 @@ def test_row_sparse_grad_padding_aux_and_errors():
     return jnp.sum(rows @ params["w"]), rows
 
   ids = jnp.array([[0, -1], [6, 2]])
-  grad_fn = jax.jit(od.row_sparse_grad(loss_fn, table="embed", has_aux=True))
+  grad_fn = jax.jit(od.sparse.row_sparse_grad(loss_fn, table="embed", has_aux=True))
   (loss, rows), grads = grad_fn(params, ids)
   np.testing.assert_array_equal(rows, [[[0, 1], [0, 0]], [[0, 0], [4, 5]]])
   np.testing.assert_allclose(loss, 0 + 1 + 4 + 5)  # padding ids look up zeros
@@ -691,13 +700,13 @@ def test_row_sparse_grad_padding_aux_and_errors():
   )
   np.testing.assert_allclose(grads["w"], [4, 6])
   with pytest.raises(ValueError, match="exactly one leaf"):
-    od.row_sparse_grad(loss_fn, table="nope")(params, ids)
+    od.sparse.row_sparse_grad(loss_fn, table="nope")(params, ids)
   with pytest.raises(ValueError, match="exactly one leaf"):
-    od.row_sparse_grad(loss_fn, table=".")(params, ids)
+    od.sparse.row_sparse_grad(loss_fn, table=".")(params, ids)
   with pytest.raises(ValueError, match="ids must be integers"):
-    od.row_sparse_grad(loss_fn, table="embed")(params, ids.astype(jnp.float32))
+    od.sparse.row_sparse_grad(loss_fn, table="embed")(params, ids.astype(jnp.float32))
   with pytest.raises(TypeError):  # the loss does not see the table: no silent dense path
-    od.row_sparse_grad(lambda p, r: jnp.sum(p["embed"]), table="embed")(params, ids)
+    od.sparse.row_sparse_grad(lambda p, r: jnp.sum(p["embed"]), table="embed")(params, ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,9 +721,9 @@ def _both_paths(params, idx1, val1, idx2, val2):
   for tx, sparse in ((sparse_tx, True), (dense_tx, False)):
     p, s = params, tx.init(params)
     for idx, val in ((idx1, val1), (idx2, val2)):
-      g = od.RowSparse(idx, val)
+      g = od.sparse.RowSparse(idx, val)
       u, s = tx.update({"e": g if sparse else g.todense(5)}, s, p)
-      p = od.apply_updates(p, u)
+      p = od.sparse.apply_updates(p, u)
     out.append((p, s.inner_state))
   return out
 
@@ -778,9 +787,11 @@ def test_row_sparse_next_to_frozen_dense_leaves():
 def test_an_empty_row_sparse_gradient_is_a_no_op():
   params = {"embed": jnp.ones((4, 2))}
   tx = od.lazy(optax.adam(0.1))
-  empty = {"embed": od.RowSparse(jnp.zeros((0,), jnp.int32), jnp.zeros((0, 2)))}
+  empty = {"embed": od.sparse.RowSparse(jnp.zeros((0,), jnp.int32), jnp.zeros((0, 2)))}
   updates, _ = tx.update(empty, tx.init(params), params)
-  np.testing.assert_array_equal(od.apply_updates(params, updates)["embed"], params["embed"])
+  np.testing.assert_array_equal(
+    od.sparse.apply_updates(params, updates)["embed"], params["embed"]
+  )
 
 
 def test_sparse_and_dense_paths_agree_in_mixed_precision():
@@ -789,13 +800,14 @@ def test_sparse_and_dense_paths_agree_in_mixed_precision():
   dense[[1, 4]] = np.random.default_rng(4).normal(size=(2, 3))
   dense_grad = {"embed": jnp.asarray(dense, jnp.bfloat16)}
   sparse_grad = {
-    "embed": od.RowSparse(jnp.array([1, 4]), dense_grad["embed"][jnp.array([1, 4])])
+    "embed": od.sparse.RowSparse(jnp.array([1, 4]), dense_grad["embed"][jnp.array([1, 4])])
   }
   tx = od.lazy(optax.adam(0.1), freeze_state=True)
   u_dense, _ = tx.update(dense_grad, tx.init(params), params)
   u_sparse, _ = tx.update(sparse_grad, tx.init(params), params)
   np.testing.assert_array_equal(
-    od.apply_updates(params, u_sparse)["embed"], optax.apply_updates(params, u_dense)["embed"]
+    od.sparse.apply_updates(params, u_sparse)["embed"],
+    optax.apply_updates(params, u_dense)["embed"],
   )
 
 
@@ -808,18 +820,18 @@ def test_indices_too_narrow_for_the_padding_marker_are_widened(dtype, num_rows):
   table = jnp.zeros((num_rows, 2))
   last = min(num_rows - 1, int(jnp.iinfo(dtype).max))  # the last row the dtype can name
   ids = jnp.array([3, last, 3], dtype)
-  sparse = od.RowSparse(ids, jnp.ones((3, 2)))
+  sparse = od.sparse.RowSparse(ids, jnp.ones((3, 2)))
   want = np.zeros((num_rows, 2))
   want[[3, last]] = [[-2.0, -2.0], [-1.0, -1.0]]
   tx = od.lazy(optax.sgd(1.0))
   updates, _ = tx.update({"e": sparse}, tx.init({"e": table}), {"e": table})
-  np.testing.assert_array_equal(od.apply_updates({"e": table}, updates)["e"], want)
+  np.testing.assert_array_equal(od.sparse.apply_updates({"e": table}, updates)["e"], want)
   np.testing.assert_array_equal(table + sparse, -want)  # __radd__ scatters too
 
   def loss(params, rows):
     return jnp.sum(rows[:, 0] * jnp.arange(1.0, 4.0))
 
-  grad_fn = od.row_sparse_grad(loss, table="e")
+  grad_fn = od.sparse.row_sparse_grad(loss, table="e")
   table = jnp.arange(num_rows * 2, dtype=jnp.float32).reshape(num_rows, 2)
   value, grads = grad_fn({"e": table}, ids)
   assert float(value) == float(table[3, 0] + 2 * table[last, 0] + 3 * table[3, 0])
@@ -831,9 +843,9 @@ def test_indices_too_narrow_for_the_padding_marker_are_widened(dtype, num_rows):
 def test_a_row_sparse_gradient_on_an_empty_table_is_a_no_op():
   table = {"e": jnp.zeros((0, 2))}
   tx = od.lazy(optax.adam(0.1))
-  sparse = od.RowSparse(jnp.array([0, 3]), jnp.ones((2, 2)))
+  sparse = od.sparse.RowSparse(jnp.array([0, 3]), jnp.ones((2, 2)))
   updates, _ = tx.update({"e": sparse}, tx.init(table), table)
-  assert od.apply_updates(table, updates)["e"].shape == (0, 2)
+  assert od.sparse.apply_updates(table, updates)["e"].shape == (0, 2)
 
 
 @pytest.mark.parametrize(

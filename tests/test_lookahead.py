@@ -320,7 +320,9 @@ def test_bad_hyperparameters_raise(kwargs, message):
 
 
 def test_bad_inner_and_missing_params_and_mismatched_trees_raise():
-  with pytest.raises(TypeError, match="lookahead: inner must be an optax transformation"):
+  with pytest.raises(
+    ValueError, match="od.lookahead: inner must be an optax.GradientTransformation"
+  ):
     od.lookahead(0.1)
   tx = od.lookahead(optax.sgd(0.1), 2)
   state = tx.init({"a": jnp.ones(2)})

@@ -12,7 +12,6 @@ from flax import nnx
 from flax.core import FrozenDict
 
 import optaxderived as od
-from optaxderived import _paths
 
 
 def test_paths_of_nested_dicts_and_sequences():
@@ -84,19 +83,33 @@ def test_any_pattern_matches_by_search():
   }
 
 
-def test_unmatched_pattern_warns_once_or_raises_when_strict():
+def test_unmatched_pattern_warns_naming_the_argument_or_raises_when_strict():
   params = {"dense": {"kernel": 1.0}}
-  _paths._warned.clear()
-  with pytest.warns(UserWarning, match=r"'kernal' matches no parameter.*dense/kernel"):
+  match = r"od.path_mask: patterns: pattern 'kernal' matches no parameter.*dense/kernel"
+  with pytest.warns(UserWarning, match=match):
     od.path_mask("kernal")(params)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    od.path_mask("kernal")(params)  # the second time is silent
-  with pytest.raises(ValueError, match="kernal"):
+  with pytest.raises(ValueError, match=match):
     od.path_mask("kernal", strict=True)(params)
 
 
-@pytest.mark.parametrize("bad", ["(", ["ok", 3], []])
+def test_an_empty_sequence_of_patterns_matches_nothing():
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing to warn about: no pattern
+    assert od.path_mask(())(params) == {"dense": {"kernel": False, "bias": False}}
+
+
+def test_a_predicate_selects_by_path_and_leaf():
+  params = {"ln1": {"scale": jnp.ones(4)}, "dense": {"kernel": jnp.ones((4, 4))}}
+  mask = od.path_mask(lambda path, p: p.ndim < 2)(params)
+  assert mask == {"ln1": {"scale": True}, "dense": {"kernel": False}}
+  by_path = od.path_mask(lambda path, p: path.startswith("dense"))(params)
+  assert by_path == {"ln1": {"scale": False}, "dense": {"kernel": True}}
+  with pytest.raises(ValueError, match="od.path_mask: patterns: the predicate must decide"):
+    jax.jit(lambda p: od.path_mask(lambda path, x: x.sum() > 0)(p)["dense"]["kernel"])(params)
+
+
+@pytest.mark.parametrize("bad", ["(", ["ok", 3], 5, {"kernel": 1}])
 def test_bad_patterns_raise_value_error(bad):
   with pytest.raises(ValueError, match="patterns"):
     od.path_mask(bad)

@@ -1,4 +1,4 @@
-"""ODE steppers: od.runge_kutta and friends against diffrax, NumPy float64 and the spec."""
+"""ODE steppers: od.ode.runge_kutta and friends against diffrax, NumPy float64 and the spec."""
 
 import functools
 import math
@@ -24,13 +24,13 @@ from scipy.integrate import RK45
 import optaxderived as od
 
 TABLEAUS = {
-  "euler": od.EULER,
-  "heun": od.HEUN,
-  "midpoint": od.MIDPOINT,
-  "ralston": od.RALSTON,
-  "rk4": od.RK4,
-  "bosh3": od.BOSH3,
-  "dopri5": od.DOPRI5,
+  "euler": od.ode.EULER,
+  "heun": od.ode.HEUN,
+  "midpoint": od.ode.MIDPOINT,
+  "ralston": od.ode.RALSTON,
+  "rk4": od.ode.RK4,
+  "bosh3": od.ode.BOSH3,
+  "dopri5": od.ode.DOPRI5,
 }
 # diffrax's Dopri5 embeds another 4th-order solution (b̂ = [1951/21600, ..., 1/60]) than
 # Hairer's DOPRI5 and SciPy's RK45 (b̂ = [5179/57600, ..., 1/40], the spec's): its error
@@ -109,21 +109,23 @@ def test_tableaus_equal_diffrax(name):
 
 def test_embedded_pairs_equal_scipy():
   """The spec's (Hairer's and SciPy's) embedded solutions: SciPy stores E = b̂ − b."""
-  np.testing.assert_allclose(od.BOSH3.b_error, -RK23.E, rtol=1e-14)
-  np.testing.assert_allclose(od.DOPRI5.b_error, -RK45.E, rtol=1e-14, atol=1e-17)
-  for i, row in enumerate(od.DOPRI5.a[:-1]):
+  np.testing.assert_allclose(od.ode.BOSH3.b_error, -RK23.E, rtol=1e-14)
+  np.testing.assert_allclose(od.ode.DOPRI5.b_error, -RK45.E, rtol=1e-14, atol=1e-17)
+  for i, row in enumerate(od.ode.DOPRI5.a[:-1]):
     np.testing.assert_allclose(row, RK45.A[i + 1, : i + 1], rtol=1e-15)
-  np.testing.assert_allclose(od.DOPRI5.b[:-1], RK45.B, rtol=1e-15)
+  np.testing.assert_allclose(od.ode.DOPRI5.b[:-1], RK45.B, rtol=1e-15)
 
 
 def test_tableau_properties():
   assert [t.num_stages for t in TABLEAUS.values()] == [1, 2, 2, 2, 4, 4, 7]
   assert [t.fsal for t in TABLEAUS.values()] == [False] * 5 + [True, True]
-  assert [t.error_order for t in (od.HEUN, od.BOSH3, od.DOPRI5)] == [2, 3, 5]
-  assert od.RALSTON.c == (0.0, 2 / 3) and od.RALSTON.b == (0.25, 0.75)
-  assert od.RK4.b_error is None and od.EULER.b_error is None
+  assert [t.error_order for t in (od.ode.HEUN, od.ode.BOSH3, od.ode.DOPRI5)] == [2, 3, 5]
+  assert od.ode.RALSTON.c == (0.0, 2 / 3) and od.ode.RALSTON.b == (0.25, 0.75)
+  assert od.ode.RK4.b_error is None and od.ode.EULER.b_error is None
   # A user tableau: an embedded pair of higher order (local extrapolation turned off).
-  fehlberg_like = od.ButcherTableau([0, 1], [[1]], [1, 0], 1, [1 / 2, -1 / 2], embedded_order=2)
+  fehlberg_like = od.ode.ButcherTableau(
+    [0, 1], [[1]], [1, 0], 1, [1 / 2, -1 / 2], embedded_order=2
+  )
   assert fehlberg_like.error_order == 2
 
 
@@ -147,7 +149,7 @@ def test_tableau_properties():
 )
 def test_tableau_validation(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    od.ButcherTableau(**kwargs)
+    od.ode.ButcherTableau(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def diffrax_step(solver, params, h):
 def test_one_step_equals_diffrax(name, x64):
   h, rtol, atol = 0.1, 1e-3, 1e-6
   params = make_params(jnp.float64)
-  stepper = od.runge_kutta(TABLEAUS[name], h, rtol=rtol, atol=atol)
+  stepper = od.ode.runge_kutta(TABLEAUS[name], h, rtol=rtol, atol=atol)
   new_params, state, info = jax.jit(functools.partial(stepper.step, loss_fn))(
     params, stepper.init(params)
   )
@@ -189,7 +191,7 @@ def test_one_step_equals_diffrax(name, x64):
 def test_one_step_rk4_equals_numpy_float64(x64):
   h = 0.1
   params = make_params(jnp.float64)
-  stepper = od.rk4(h)
+  stepper = od.ode.rk4(h)
   new_params, _, info = stepper.step(loss_fn, params, stepper.init(params))
 
   def add(p, k, c):
@@ -221,7 +223,7 @@ def test_one_step_rk4_equals_numpy_float64(x64):
 def test_spec_worked_example(name, expected, x64):
   """L = θ²/2, θ₀ = 1, h = 0.1 (spec §12): values as printed, to their last digit."""
   digits = len(str(expected).split(".")[1])
-  stepper = od.runge_kutta(TABLEAUS[name], 0.1, rtol=0.0, atol=1.0)
+  stepper = od.ode.runge_kutta(TABLEAUS[name], 0.1, rtol=0.0, atol=1.0)
   theta, _, info = stepper.step(lambda p: 0.5 * p**2, jnp.float64(1.0), stepper.init(1.0))
   assert abs(float(theta) - expected) <= 0.5 * 10.0**-digits
   # With atol = 1, rtol = 0 the error is |θ₁ − θ̂₁|: the embedded estimates of the spec.
@@ -232,7 +234,7 @@ def test_spec_worked_example(name, expected, x64):
 
 @pytest.mark.parametrize("controller, expected", [("i", 0.1981), ("pi", 0.1277)])
 def test_spec_worked_example_controller(controller, expected, x64):
-  stepper = od.rk23(0.1, rtol=1e-4, atol=1e-4, controller=controller)
+  stepper = od.ode.rk23(0.1, rtol=1e-4, atol=1e-4, controller=controller)
   _, state, info = stepper.step(lambda p: 0.5 * p**2, jnp.float64(1.0), stepper.init(1.0))
   np.testing.assert_allclose(info.error, 0.09375, rtol=1e-4)
   assert bool(info.accepted) and float(info.step_size) == 0.1
@@ -247,10 +249,10 @@ def test_spec_worked_example_controller(controller, expected, x64):
 
 
 def test_python_scalar_params():
-  stepper = od.heun(0.1)  # eager, where params stay Python floats
+  stepper = od.ode.heun(0.1)  # eager, where params stay Python floats
   theta, _, info = stepper.step(lambda p: 0.5 * p**2, 1.0, stepper.init(1.0))
   assert float(theta) == pytest.approx(0.905) and bool(info.accepted)
-  tx = od.as_transformation(od.heun(0.1))
+  tx = od.ode.as_transformation(od.ode.heun(0.1))
   update, _ = tx.update(1.0, tx.init(1.0), 1.0, grad_fn=lambda p: p)
   np.testing.assert_allclose(update, -0.095, rtol=1e-6)
 
@@ -265,7 +267,7 @@ THETA0 = np.array([1.0, -1.0, 0.5])
 @functools.cache
 def _integrate(tableau):
   def run(h, n):
-    stepper = od.runge_kutta(tableau, h)
+    stepper = od.ode.runge_kutta(tableau, h)
     quadratic = lambda p: 0.5 * p @ (jnp.asarray(A_SPD) @ p)
 
     def body(_, carry):
@@ -307,7 +309,7 @@ def _stability_polynomial(name):
 @functools.cache
 def _one_linear_step(tableau):
   def one(a, theta, h):
-    stepper = od.runge_kutta(tableau, h)
+    stepper = od.ode.runge_kutta(tableau, h)
     return stepper.step(lambda p: 0.5 * p @ (a @ p), theta, stepper.init(theta))[0]
 
   return jax.jit(one)
@@ -351,10 +353,10 @@ def counting_loss():
 @pytest.mark.parametrize(
   "stepper, per_step",
   [
-    (od.heun(0.1), [2, 2, 2]),
-    (od.rk4(0.1), [4, 4, 4]),
-    (od.rk23(0.1, fsal=True), [4, 3, 3]),
-    (od.rk45(30.0, fsal=True), [7, 6, 6]),  # the first steps are rejected: k₁ is reused
+    (od.ode.heun(0.1), [2, 2, 2]),
+    (od.ode.rk4(0.1), [4, 4, 4]),
+    (od.ode.rk23(0.1, fsal=True), [4, 3, 3]),
+    (od.ode.rk45(30.0, fsal=True), [7, 6, 6]),  # the first steps are rejected: k₁ is reused
   ],
   ids=["heun", "rk4", "rk23-fsal", "rk45-fsal-rejects"],
 )
@@ -379,12 +381,12 @@ def test_fixed_steps_without_the_fsal_stage_save_a_gradient():
   """The recipe of the fsal docstring: the same params, one evaluation fewer, no estimate."""
   params = make_params()
   results = []
-  for tableau in (od.BOSH3, od.DOPRI5):
-    short = od.ButcherTableau(
+  for tableau in (od.ode.BOSH3, od.ode.DOPRI5):
+    short = od.ode.ButcherTableau(
       c=tableau.c[:-1], a=tableau.a[:-1], b=tableau.b[:-1], order=tableau.order
     )
     for t in (tableau, short):
-      stepper = od.runge_kutta(t, 0.1)
+      stepper = od.ode.runge_kutta(t, 0.1)
       p, state = params, stepper.init(params)
       for _ in range(3):
         p, state, info = stepper.step(loss_fn, p, state)
@@ -395,14 +397,18 @@ def test_fixed_steps_without_the_fsal_stage_save_a_gradient():
 
 
 def test_transformation_calls_grad_fn_at_the_other_stages():
-  for stepper, calls_per_step in ((od.euler(0.1), 0), (od.heun(0.1), 1), (od.rk45(0.1), 6)):
+  for stepper, calls_per_step in (
+    (od.ode.euler(0.1), 0),
+    (od.ode.heun(0.1), 1),
+    (od.ode.rk45(0.1), 6),
+  ):
     points = []
 
     def grad_fn(p, points=points):
       points.append(p)
       return jax.grad(loss_fn)(p)
 
-    tx = od.as_transformation(stepper)
+    tx = od.ode.as_transformation(stepper)
     params = make_params()
     update = functools.partial(tx.update, grad_fn=grad_fn)
     _, state = jax.eval_shape(update, jax.grad(loss_fn)(params), tx.init(params), params)
@@ -438,7 +444,7 @@ def test_i_controller_equals_diffrax_pid(name, h, accept, x64):
     0.0, h, params, y1, None, y_error, order, controller_state
   )
 
-  stepper = od.runge_kutta(
+  stepper = od.ode.runge_kutta(
     TABLEAUS[name], h, adaptive=True, rtol=rtol, atol=atol, controller="i"
   )
   new_params, state, info = stepper.step(loss_fn, params, stepper.init(params))
@@ -457,7 +463,7 @@ def quadratic(p):
 
 def test_rejection_keeps_params_and_shrinks_the_step():
   params = jnp.ones(10)
-  stepper = od.rk23(2.0, rtol=1e-3, atol=1e-3)
+  stepper = od.ode.rk23(2.0, rtol=1e-3, atol=1e-3)
   step = jax.jit(functools.partial(stepper.step, quadratic))
   state = stepper.init(params)
   new_params, state, info = step(params, state)
@@ -492,7 +498,7 @@ def test_accepted_step_may_shrink_the_step():
   @jax.jit
   @jax.vmap
   def one_step(h):
-    stepper = od.rk23(h, rtol=1e-3, atol=1e-3, controller="i")
+    stepper = od.ode.rk23(h, rtol=1e-3, atol=1e-3, controller="i")
     _, state, info = stepper.step(quadratic, params, stepper.init(params))
     return info.error, info.accepted, state.step_size
 
@@ -510,7 +516,7 @@ def test_accepted_step_may_shrink_the_step():
 def test_non_finite_step_is_rejected():
   loss = lambda p: jnp.sum(jnp.cosh(10.0 * p))
   params = jnp.ones(3)
-  stepper = od.rk45(10.0)
+  stepper = od.ode.rk45(10.0)
   new_params, state, info = jax.jit(functools.partial(stepper.step, loss))(
     params, stepper.init(params)
   )
@@ -522,10 +528,10 @@ def test_non_finite_step_is_rejected():
 def test_step_size_bounds():
   params = jnp.ones(10)
   # A step at min_step_size is accepted whatever its error; h never leaves the bounds.
-  stepper = od.rk23(1.5, rtol=1e-6, atol=1e-6, min_step_size=1.5, max_step_size=2.0)
+  stepper = od.ode.rk23(1.5, rtol=1e-6, atol=1e-6, min_step_size=1.5, max_step_size=2.0)
   _, state, info = stepper.step(quadratic, params, stepper.init(params))
   assert bool(info.accepted) and float(info.error) > 1 and float(state.step_size) == 1.5
-  stepper = od.rk23(0.01, rtol=1e-1, atol=1e-1, max_step_size=0.02)
+  stepper = od.ode.rk23(0.01, rtol=1e-1, atol=1e-1, max_step_size=0.02)
   state = stepper.init(params)
   _, state, info = stepper.step(quadratic, params, state)
   assert bool(info.accepted) and float(state.step_size) == pytest.approx(0.02)
@@ -535,7 +541,7 @@ def test_fsal_equals_no_fsal_on_a_deterministic_loss():
   params = make_params()
   results = []
   for fsal in (False, True):
-    stepper = od.rk23(1.0, fsal=fsal)
+    stepper = od.ode.rk23(1.0, fsal=fsal)
     step = jax.jit(functools.partial(stepper.step, loss_fn))
     p, state = params, stepper.init(params)
     losses = []
@@ -555,7 +561,7 @@ def test_has_aux():
     value = loss_fn(p) + jnp.sum(x)
     return value, {"value": value, "x": x}
 
-  stepper = od.heun(0.1)
+  stepper = od.ode.heun(0.1)
   params = make_params()
   new_params, _, info = stepper.step(
     loss, params, stepper.init(params), jnp.ones(2), has_aux=True
@@ -568,7 +574,7 @@ def test_has_aux():
 
 def test_args_and_kwargs_reach_every_stage():
   loss = lambda p, x, *, scale: scale * 0.5 * jnp.sum((p - x) ** 2)
-  stepper = od.rk4(0.1)
+  stepper = od.ode.rk4(0.1)
   theta, _, _ = stepper.step(
     loss, jnp.ones(2), stepper.init(jnp.ones(2)), jnp.zeros(2), scale=2.0
   )
@@ -600,14 +606,14 @@ def run_stepper(stepper, params, n):
 
 @pytest.mark.parametrize(
   "stepper",
-  [od.euler(0.1), od.heun(0.3), od.rk23(3.0), od.rk23(0.2, controller="i")],
+  [od.ode.euler(0.1), od.ode.heun(0.3), od.ode.rk23(3.0), od.ode.rk23(0.2, controller="i")],
   ids=["euler", "heun", "rk23-rejects", "rk23-i"],
 )
 def test_as_transformation_equals_step(stepper, x64):
   # In float64: float32 round-off differences between two compilations of the same maths
   # grow through the step-size controller (ε^(−1/(q+1)) of a cancelling sum).
   params = make_params(jnp.float64)
-  p_tx, s_tx = run_transformation(od.as_transformation(stepper), params, 8)
+  p_tx, s_tx = run_transformation(od.ode.as_transformation(stepper), params, 8)
   (p_st, s_st), infos = run_stepper(stepper, params, 8)
   assert_trees_close(p_tx, p_st, rtol=1e-12, atol=1e-14)
   assert_trees_close(s_tx, s_st, rtol=1e-10, atol=1e-14)
@@ -619,26 +625,26 @@ def test_euler_transformation_equals_optax_sgd():
   schedule = optax.linear_schedule(0.2, 0.05, 5)
   params = make_params()
   grads = jax.tree.map(lambda x: jnp.stack([x * (i + 1.0) for i in range(6)]), params)
-  ours, _, _ = run_scan(od.as_transformation(od.euler(schedule)), params, grads)
+  ours, _, _ = run_scan(od.ode.as_transformation(od.ode.euler(schedule)), params, grads)
   theirs, _, _ = run_scan(optax.sgd(schedule), params, grads)
   assert_trees_close(ours, theirs, rtol=1e-6)
 
 
 def test_schedule_is_evaluated_at_the_step_count():
   schedule = lambda count: 0.1 / (1.0 + count)
-  (_, state), infos = run_stepper(od.heun(schedule), make_params(), 4)
+  (_, state), infos = run_stepper(od.ode.heun(schedule), make_params(), 4)
   np.testing.assert_allclose(infos.step_size, [0.1, 0.05, 0.1 / 3, 0.025], rtol=1e-6)
   np.testing.assert_allclose(state.step_size, 0.02, rtol=1e-6)
 
 
 def test_chain_and_inject_hyperparams():
   params = make_params()
-  reference, _ = run_transformation(od.as_transformation(od.heun(0.1)), params, 3)
-  chained = optax.chain(od.as_transformation(od.heun(0.1)), optax.scale(1.0))
+  reference, _ = run_transformation(od.ode.as_transformation(od.ode.heun(0.1)), params, 3)
+  chained = optax.chain(od.ode.as_transformation(od.ode.heun(0.1)), optax.scale(1.0))
   ours, _ = run_transformation(chained, params, 3)
   assert_trees_close(ours, reference, rtol=1e-6)
   injected = optax.inject_hyperparams(
-    lambda learning_rate: od.as_transformation(od.heun(learning_rate))
+    lambda learning_rate: od.ode.as_transformation(od.ode.heun(learning_rate))
   )(learning_rate=0.1)
   ours, state = run_transformation(injected, params, 3)
   assert_trees_close(ours, reference, rtol=1e-6)
@@ -658,8 +664,8 @@ def test_nnx_optimizer():
   model_loss = lambda m: jnp.mean((m(x) - y) ** 2)
   model = Model(nnx.Rngs(0))
   graphdef, params0, rest = nnx.split(model, nnx.Param, ...)
-  stepper = od.rk23(1.0, rtol=1e-2, atol=1e-2)
-  optimizer = nnx.Optimizer(model, od.as_transformation(stepper), wrt=nnx.Param)
+  stepper = od.ode.rk23(1.0, rtol=1e-2, atol=1e-2)
+  optimizer = nnx.Optimizer(model, od.ode.as_transformation(stepper), wrt=nnx.Param)
 
   @nnx.jit
   def train_step(model, optimizer):
@@ -686,15 +692,17 @@ def test_nnx_optimizer():
 
 
 def test_train_state_helper():
-  stepper = od.rk4(0.2)
+  stepper = od.ode.rk4(0.2)
   params = make_params()
   ts = train_state.TrainState.create(
-    apply_fn=None, params=params, tx=od.as_transformation(stepper)
+    apply_fn=None, params=params, tx=od.ode.as_transformation(stepper)
   )
 
   @jax.jit
   def train_step(ts):
-    return od.apply_gradients(ts, grads=jax.grad(loss_fn)(ts.params), grad_fn=jax.grad(loss_fn))
+    return od.ode.apply_gradients(
+      ts, grads=jax.grad(loss_fn)(ts.params), grad_fn=jax.grad(loss_fn)
+    )
 
   for _ in range(3):
     ts = train_step(ts)
@@ -708,7 +716,7 @@ def test_train_state_helper():
 
 
 @pytest.mark.parametrize(
-  "stepper", [od.heun(0.1), od.rk45(0.1, fsal=True)], ids=["heun", "rk45-fsal"]
+  "stepper", [od.ode.heun(0.1), od.ode.rk45(0.1, fsal=True)], ids=["heun", "rk45-fsal"]
 )
 def test_state_is_stable_under_scan(stepper):
   (params, state), infos = run_stepper(stepper, make_params(), 5)
@@ -726,7 +734,7 @@ def test_transformation_state_is_stable_and_keeps_bf16():
   bound = lambda tx: optax.GradientTransformationExtraArgs(
     tx.init, functools.partial(tx.update, grad_fn=jax.grad(loss_fn))
   )
-  tx = bound(od.as_transformation(od.rk23(0.1)))
+  tx = bound(od.ode.as_transformation(od.ode.rk23(0.1)))
   assert_state_stable(tx, params, grads)
   assert_keeps_dtype(tx, params, grads)
   assert tx.init(params).step_size.dtype == jnp.float32
@@ -744,12 +752,12 @@ def test_bf16_params_are_stepped_in_float32_and_rounded_once():
   expected = (g0 + -(h * (np.float32(0.5) * g0 + np.float32(0.5) * stage))).astype(
     ml_dtypes.bfloat16
   )
-  stepper = od.heun(0.3)
+  stepper = od.ode.heun(0.3)
   new, state, _ = jax.jit(functools.partial(stepper.step, loss))(theta, stepper.init(theta))
   assert new.dtype == jnp.bfloat16 and state.step_size.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(new), expected)
   # In bf16 arithmetic (accumulator_dtype=None) the result is rounded at every operation.
-  stepper = od.heun(0.3, accumulator_dtype=None)
+  stepper = od.ode.heun(0.3, accumulator_dtype=None)
   low, _, _ = jax.jit(functools.partial(stepper.step, loss))(theta, stepper.init(theta))
   assert low.dtype == jnp.bfloat16
   exact = np.asarray(theta, np.float64) * (1 - 0.3 + 0.3**2 / 2)
@@ -759,7 +767,7 @@ def test_bf16_params_are_stepped_in_float32_and_rounded_once():
 
 def test_abstract_init():
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_params())
-  state = jax.eval_shape(od.rk45(0.1, fsal=True).init, shapes)
+  state = jax.eval_shape(od.ode.rk45(0.1, fsal=True).init, shapes)
   assert state.fsal_grads["b"].shape == (2, 2) and state.step_size.dtype == jnp.float32
 
 
@@ -770,27 +778,33 @@ def test_abstract_init():
 @pytest.mark.parametrize(
   "make, message",
   [
-    (lambda: od.heun(0.0), "learning_rate must be > 0, got 0.0"),
-    (lambda: od.heun(-1.0), "learning_rate must be > 0"),
-    (lambda: od.runge_kutta("heun", 0.1), "tableau must be an od.ButcherTableau"),
-    (lambda: od.rk23(lambda c: 0.1), "learning_rate must be a number when adaptive"),
-    (lambda: od.runge_kutta(od.RK4, 0.1, adaptive=True), "needs a tableau with an embedded"),
-    (lambda: od.euler(0.1, adaptive=True), "needs a tableau with an embedded"),
-    (lambda: od.rk23(0.1, rtol=-1e-3), r"rtol must be in \[0.0, inf\], got -0.001"),
-    (lambda: od.rk23(0.1, atol=-1.0), "atol must be in"),
-    (lambda: od.rk23(0.1, rtol=0.0, atol=0.0), "rtol and atol cannot both be 0"),
-    (lambda: od.rk23(0.1, controller="pid"), "controller must be one of"),
-    (lambda: od.rk23(0.1, safety=0.0), "safety must be in"),
-    (lambda: od.rk23(0.1, safety=1.5), "safety must be in"),
-    (lambda: od.rk23(0.1, factor_min=0.0), "factor_min must be in"),
-    (lambda: od.rk23(0.1, factor_min=2.0), "factor_min must be in"),
-    (lambda: od.rk23(0.1, factor_max=0.5), "factor_max must be in"),
-    (lambda: od.rk23(0.1, min_step_size=-1.0), "min_step_size must be in"),
-    (lambda: od.rk23(0.1, max_step_size=0.0), "max_step_size must be > 0"),
-    (lambda: od.rk23(0.1, min_step_size=1.0, max_step_size=0.5), "max_step_size must be >="),
-    (lambda: od.heun(0.1, max_step_size=1.0), "bound adaptive steps"),
-    (lambda: od.heun(0.1, fsal=True), "fsal=True needs a tableau"),
-    (lambda: od.as_transformation(optax.sgd(0.1)), "stepper must be an od.Stepper"),
+    (lambda: od.ode.heun(0.0), "learning_rate must be > 0, got 0.0"),
+    (lambda: od.ode.heun(-1.0), "learning_rate must be > 0"),
+    (lambda: od.ode.runge_kutta("heun", 0.1), "tableau must be an od.ode.ButcherTableau"),
+    (lambda: od.ode.rk23(lambda c: 0.1), "learning_rate must be a number when adaptive"),
+    (
+      lambda: od.ode.runge_kutta(od.ode.RK4, 0.1, adaptive=True),
+      "needs a tableau with an embedded",
+    ),
+    (lambda: od.ode.euler(0.1, adaptive=True), "needs a tableau with an embedded"),
+    (lambda: od.ode.rk23(0.1, rtol=-1e-3), r"rtol must be in \[0.0, inf\], got -0.001"),
+    (lambda: od.ode.rk23(0.1, atol=-1.0), "atol must be in"),
+    (lambda: od.ode.rk23(0.1, rtol=0.0, atol=0.0), "rtol and atol cannot both be 0"),
+    (lambda: od.ode.rk23(0.1, controller="pid"), "controller must be one of"),
+    (lambda: od.ode.rk23(0.1, safety=0.0), "safety must be in"),
+    (lambda: od.ode.rk23(0.1, safety=1.5), "safety must be in"),
+    (lambda: od.ode.rk23(0.1, factor_min=0.0), "factor_min must be in"),
+    (lambda: od.ode.rk23(0.1, factor_min=2.0), "factor_min must be in"),
+    (lambda: od.ode.rk23(0.1, factor_max=0.5), "factor_max must be in"),
+    (lambda: od.ode.rk23(0.1, min_step_size=-1.0), "min_step_size must be in"),
+    (lambda: od.ode.rk23(0.1, max_step_size=0.0), "max_step_size must be > 0"),
+    (
+      lambda: od.ode.rk23(0.1, min_step_size=1.0, max_step_size=0.5),
+      "max_step_size must be >=",
+    ),
+    (lambda: od.ode.heun(0.1, max_step_size=1.0), "bound adaptive steps"),
+    (lambda: od.ode.heun(0.1, fsal=True), "fsal=True needs a tableau"),
+    (lambda: od.ode.as_transformation(optax.sgd(0.1)), "stepper must be an od.ode.Stepper"),
   ],
 )
 def test_invalid_hyperparameters(make, message):
@@ -800,20 +814,20 @@ def test_invalid_hyperparameters(make, message):
 
 def test_invalid_calls():
   params = make_params()
-  tx = od.as_transformation(od.heun(0.1))
+  tx = od.ode.as_transformation(od.ode.heun(0.1))
   grads = jax.grad(loss_fn)(params)
   with pytest.raises(ValueError, match="as_transformation needs the current params"):
     tx.update(grads, tx.init(params), None, grad_fn=jax.grad(loss_fn))
   with pytest.raises(ValueError, match="as_transformation needs grad_fn="):
     tx.update(grads, tx.init(params), params)
-  stepper = od.rk23(0.1, fsal=True)
+  stepper = od.ode.rk23(0.1, fsal=True)
   with pytest.raises(ValueError, match="cannot keep aux"):
     stepper.step(lambda p: (loss_fn(p), 0.0), params, stepper.init(params), has_aux=True)
 
 
 def test_a_non_finite_step_is_rejected_even_at_min_step_size():
   loss = lambda p: jnp.sum(jnp.cosh(10.0 * p))
-  stepper = od.rk45(10.0, min_step_size=10.0)
+  stepper = od.ode.rk45(10.0, min_step_size=10.0)
   new, state, info = stepper.step(loss, jnp.ones(3), stepper.init(jnp.ones(3)))
   assert not bool(info.accepted)
   np.testing.assert_array_equal(new, jnp.ones(3))
@@ -822,10 +836,10 @@ def test_a_non_finite_step_is_rejected_even_at_min_step_size():
 
 def test_as_transformation_refuses_fsal():
   with pytest.raises(ValueError, match="cannot reuse the last stage"):
-    od.as_transformation(od.rk45(0.1, fsal=True))
+    od.ode.as_transformation(od.ode.rk45(0.1, fsal=True))
 
 
-@pytest.mark.parametrize("make, scipy_cls", [(od.rk23, RK23), (od.rk45, RK45)])
+@pytest.mark.parametrize("make, scipy_cls", [(od.ode.rk23, RK23), (od.ode.rk45, RK45)])
 def test_the_i_controller_equals_scipy_over_many_steps(make, scipy_cls, x64):
   """Accepted steps and step sizes, rejections included, against scipy.integrate."""
 

@@ -2,8 +2,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from optaxderived._state import find_state
-from optaxderived._state import find_states
+from optaxderived._core.state import find_state
+from optaxderived._core.state import find_states
 
 
 def test_finds_states_inside_chains_and_partitions():

@@ -8,64 +8,21 @@ and the step costs what the touched rows cost, not what the table costs).
 """
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optaxderived import _accumulation
-from optaxderived import _checks
-from optaxderived import _paths
-from optaxderived import _state
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
-class RowSparse:
-  r"""A gradient (or update) of a table given only at some of its rows.
-
-  Row ``indices[i]`` of the table receives ``values[i]``; duplicate indices are summed.
-  An index outside ``[0, num_rows)`` (e.g. ``-1`` or ``num_rows``) is *padding*: it reads
-  nothing and writes nothing, so a batch can be padded to a fixed number of rows and
-  ``jax.jit`` sees static shapes. A ``RowSparse`` is a pytree (its two arrays are leaves), so
-  it goes through ``jit``, ``lax.scan`` and sharding like any array pair.
-
-  ``optax.apply_updates`` (and so Flax ``TrainState.apply_gradients``) adds a ``RowSparse``
-  to a table through ``__radd__``, a scatter-add of the rows; :func:`apply_updates` does the
-  same explicitly. A transformation that maps over every leaf (clipping, scaling) must not
-  see a ``RowSparse``: it would treat the indices as values. Put it inside :func:`lazy`.
-
-  Attributes:
-    indices: integer array ``[n]``, the rows of the table.
-    values: array ``[n, *row_shape]``, one row of values per index (``[n]`` for a vector).
-
-  Example:
-    >>> g = od.RowSparse(jnp.array([2, 0, 2, -1]), jnp.array([[1.0], [2.0], [3.0], [9.0]]))
-    >>> g.todense(3)[:, 0]
-    Array([2., 0., 4.], dtype=float32)
-  """
-
-  indices: jax.Array
-  values: jax.Array
-
-  # NumPy must not broadcast over a RowSparse: ``np_array + RowSparse`` calls __radd__.
-  __array_ufunc__ = None
-
-  def todense(self, num_rows: int) -> jax.Array:
-    """The dense ``[num_rows, *row_shape]`` array: duplicates summed, padding dropped."""
-    values = jnp.asarray(self.values)
-    dense = jnp.zeros((num_rows, *values.shape[1:]), values.dtype)
-    return _scatter_add(dense, self.indices, values)
-
-  def __radd__(self, other: Any) -> jax.Array:
-    other = jnp.asarray(other)
-    _check_row_sparse(self, other, "RowSparse + array")
-    return _scatter_add(other, self.indices, self.values)
+from optaxderived._core import checks
+from optaxderived._core import paths
+from optaxderived._core import state as state_lib
+from optaxderived.sparse._row_sparse import RowSparse
+from optaxderived.sparse._row_sparse import canonical_indices
+from optaxderived.sparse._row_sparse import check_row_sparse
+from optaxderived.sparse._row_sparse import is_row_sparse
 
 
 class LazyState(NamedTuple):
@@ -83,48 +40,6 @@ class LazyState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _is_row_sparse(x: Any) -> bool:
-  return isinstance(x, RowSparse)
-
-
-def _canonical_indices(indices: jax.Array, num_rows: int) -> jax.Array:
-  """Maps every index outside ``[0, num_rows)`` to ``num_rows`` (out of bounds: dropped).
-
-  Indices too narrow to hold ``num_rows`` (uint8 ids of a 256-row table, uint16 ids of a
-  65,536-row vocabulary) are widened to int32 first, so the marker cannot wrap around.
-  """
-  indices = jnp.asarray(indices)
-  if jnp.iinfo(indices.dtype).max < num_rows:
-    indices = indices.astype(jnp.int32)
-  valid = (indices >= 0) & (indices < num_rows)
-  return jnp.where(valid, indices, num_rows).astype(indices.dtype)
-
-
-def _scatter_add(table: jax.Array, indices: jax.Array, values: jax.Array) -> jax.Array:
-  indices = _canonical_indices(indices, table.shape[0])
-  return table.at[indices].add(jnp.asarray(values).astype(table.dtype), mode="drop")
-
-
-def _check_row_sparse(g: RowSparse, param: Any, where: str) -> None:
-  """Static checks of a RowSparse against the table it applies to."""
-  indices, values = jnp.asarray(g.indices), jnp.asarray(g.values)
-  shape = tuple(np.shape(param))
-  if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
-    raise ValueError(
-      f"{where}: RowSparse.indices must be a 1-D integer array, got "
-      f"{indices.dtype}{list(indices.shape)} (if a transformation that maps over every leaf, "
-      "such as clipping or scaling, saw the RowSparse, put it inside od.lazy(...))"
-    )
-  if len(shape) < 1:
-    raise ValueError(f"{where}: a RowSparse needs a table with ndim >= 1, got shape {shape}")
-  if values.shape != (indices.shape[0], *shape[1:]):
-    raise ValueError(
-      f"{where}: RowSparse.values must have shape [n, *row_shape] = "
-      f"{[indices.shape[0], *shape[1:]]} for a table of shape {list(shape)} and "
-      f"{indices.shape[0]} indices, got {list(values.shape)}"
-    )
-
-
 def _dedupe(indices: jax.Array, values: jax.Array, num_rows: int):
   """Sums duplicate rows: ``(unique_indices, summed_values)``, both of length ``n``.
 
@@ -134,7 +49,7 @@ def _dedupe(indices: jax.Array, values: jax.Array, num_rows: int):
   entry's slot by binary search is several times faster on CPU than an argsort.
   """
   n = indices.shape[0]
-  indices = _canonical_indices(indices, num_rows)
+  indices = canonical_indices(indices, num_rows)
   keys = jnp.sort(indices)
   first = jnp.ones((n,), bool).at[1:].set(keys[1:] != keys[:-1])  # n = 0 works too
   unique = jnp.full((n,), num_rows, indices.dtype).at[jnp.cumsum(first) - 1].set(keys)
@@ -316,7 +231,7 @@ def _check_elementwise(inner, args: tuple, row_args: tuple, extra: dict) -> None
 def lazy(
   inner: optax.GradientTransformation,
   *,
-  include: _paths.Patterns | None = None,
+  include: paths.Patterns | None = None,
   freeze_state: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Updates only the rows of a table that the gradient touches (lazy Adam and friends).
@@ -375,11 +290,11 @@ def lazy(
     Array([[-0.25,  1.  ],
            [ 0.5 ,  0.5 ],
            [ 1.  ,  1.  ]], dtype=float32)
-    >>> sparse = od.RowSparse(indices=jnp.array([0, 0, -1]), values=jnp.ones((3, 2)))
+    >>> sparse = od.sparse.RowSparse(indices=jnp.array([0, 0, -1]), values=jnp.ones((3, 2)))
     >>> updates, state = tx.update({"embed": sparse}, state, params)
     >>> updates["embed"].indices  # row 0 twice is summed; -1 is padding (3: out of range)
     Array([0, 3, 3], dtype=int32)
-    >>> od.apply_updates(params, updates)["embed"]  # only row 0 moves
+    >>> od.sparse.apply_updates(params, updates)["embed"]  # only row 0 moves
     Array([[-1.625,  0.   ],
            [ 0.5  ,  0.5  ],
            [ 1.   ,  1.   ]], dtype=float32)
@@ -395,35 +310,37 @@ def lazy(
   around any optax optimizer, on dense gradients or on :class:`RowSparse` ones. No
   skipped-step compensation (:math:`\beta^n` decay on the next touch) is applied.
   """
-  if not callable(getattr(inner, "init", None)) or not callable(getattr(inner, "update", None)):
-    raise ValueError(f"inner must be an optax GradientTransformation, got {inner!r}")
-  if not isinstance(freeze_state, bool | np.bool_):
-    raise ValueError(f"freeze_state must be a bool, got {freeze_state!r}")
-  compiled = _paths.compile_patterns(include, argname="include")
+  fn = "od.lazy"
+  checks.check_transformation(fn, "inner", inner)
+  checks.check_bool(fn, "freeze_state", freeze_state)
+  included = None if include is None else paths.selector(include, argname=f"{fn}: include")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    if included is not None:
+      included.check_used(params)
     inner_state = inner.init(params)
     # A wrapper that accumulates across calls and applies later would apply, and reset, only
     # the rows of the call that emits: every other row's gradients would be lost.
-    for accumulating in (
-      optax.MultiStepsState,
-      optax.ApplyEvery,
-      _accumulation.AccumulateState,
-    ):
-      if _state.find_states(inner_state, accumulating):
-        raise ValueError(
-          f"od.lazy: inner holds a {accumulating.__name__}: accumulate outside the lazy "
-          "optimizer, e.g. od.accumulate(od.lazy(adam), k) on dense gradients"
-        )
+    accumulating = [
+      t.__name__
+      for t in (optax.MultiStepsState, optax.ApplyEvery)
+      if state_lib.find_states(inner_state, t)
+    ]
+    if accumulating or state_lib.holds_micro_steps(inner_state):
+      raise ValueError(
+        f"{fn}: inner holds the state of a wrapper that accumulates across calls "
+        f"({accumulating or 'od.accumulate'}): accumulate outside the lazy optimizer, e.g. "
+        "od.accumulate(od.lazy(adam), k) on dense gradients"
+      )
     return LazyState(touched_rows=jnp.zeros([], jnp.int32), inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_row_sparse)
-    paths = jax.tree.leaves(_paths.tree_paths(treedef.unflatten(list(range(len(leaves))))))
-    any_sparse = any(_is_row_sparse(g) for g in leaves)
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=is_row_sparse)
+    leaf_paths = jax.tree.leaves(paths.tree_paths(treedef.unflatten(list(range(len(leaves))))))
+    any_sparse = any(is_row_sparse(g) for g in leaves)
     if any_sparse:
-      _checks.require_params(params, "od.lazy with RowSparse updates")
+      checks.require_params(params, "od.lazy with RowSparse updates")
     if params is not None:
       try:
         param_leaves = treedef.flatten_up_to(params)
@@ -433,17 +350,17 @@ def lazy(
         ) from e
     else:
       param_leaves = [None] * len(leaves)
-    if compiled:
-      selected = jax.tree.leaves(
-        _paths.match_tree(compiled, treedef.unflatten(paths), argname="od.lazy include")
-      )
-    else:
+    if included is None:
       selected = [True] * len(leaves)
+    else:  # matched on the paths (a RowSparse leaf is one leaf here)
+      selected = [
+        included.matches(path, leaf) for path, leaf in zip(leaf_paths, leaves, strict=True)
+      ]
 
     plans, inner_updates, inner_params = [], [], []
-    for g, p, path, chosen in zip(leaves, param_leaves, paths, selected, strict=True):
-      if _is_row_sparse(g):
-        _check_row_sparse(g, p, f"od.lazy ({path})")
+    for g, p, path, chosen in zip(leaves, param_leaves, leaf_paths, selected, strict=True):
+      if is_row_sparse(g):
+        check_row_sparse(g, p, f"od.lazy ({path})")
         p = jnp.asarray(p)
         rows, values = _dedupe(jnp.asarray(g.indices), jnp.asarray(g.values), p.shape[0])
         plans.append(_Plan("sparse", path, p.shape, rows=rows))
@@ -525,129 +442,3 @@ def lazy(
     return treedef.unflatten(out), LazyState(touched, new_inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
-  """``optax.apply_updates`` that also scatters :class:`RowSparse` leaves.
-
-  A dense leaf is added as ``optax.apply_updates`` adds it (``p + u`` cast to the param's
-  dtype); a ``RowSparse`` leaf is scatter-added to its rows (duplicates summed, padding
-  indices dropped), in place when the params are donated to a jitted step.
-
-  Args:
-    params: a tree of parameters.
-    updates: a tree of updates with the structure of ``params``; a leaf may be a
-      :class:`RowSparse`.
-
-  Returns:
-    The updated params, with the structure, shapes and dtypes of ``params``.
-
-  Example:
-    >>> params = {"embed": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}
-    >>> updates = {"embed": od.RowSparse(jnp.array([1, 1, 4]), jnp.ones((3, 2))),
-    ...            "bias": jnp.ones(2)}
-    >>> new = od.apply_updates(params, updates)
-    >>> new["embed"][:, 0], new["bias"]
-    (Array([0., 2., 0., 0.], dtype=float32), Array([1., 1.], dtype=float32))
-  """
-
-  def apply(p, u):
-    if p is None:
-      return None
-    if _is_row_sparse(u):
-      p = jnp.asarray(p)
-      _check_row_sparse(u, p, "od.apply_updates")
-      return _scatter_add(p, u.indices, u.values)
-    return optax.apply_updates(p, u)
-
-  return jax.tree.map(apply, params, updates, is_leaf=lambda x: x is None or _is_row_sparse(x))
-
-
-def row_sparse_grad(
-  fun: Callable[..., Any], *, table: _paths.Patterns, has_aux: bool = False
-) -> Callable[..., Any]:
-  r"""``jax.value_and_grad`` for a loss that looks rows of a table up: a :class:`RowSparse`
-  gradient for the table, without a dense table-sized gradient.
-
-  ``fun(params, rows, *args, **kwargs)`` computes the loss from the looked-up rows
-  ``rows = table[ids]`` (shape ``ids.shape + row_shape``); the table leaf of the ``params``
-  it receives is replaced by ``None``, so a loss that still reads the table fails loudly
-  instead of silently losing that part of the gradient (weight-tied output embeddings need
-  the dense gradient). With :math:`\ell(\text{rows})` the loss,
-
-  .. math::
-
-    \nabla_{\text{table}} \ell = \sum_k e_{\text{ids}_k} \otimes
-    \frac{\partial \ell}{\partial \text{rows}_k}
-    = \texttt{RowSparse}(\text{ids}, \partial \ell / \partial \text{rows}),
-
-  whose cost is that of the looked-up rows. An id outside ``[0, num_rows)`` looks up a row
-  of zeros and gets no gradient (padding). Duplicate ids are kept (they are summed by
-  :func:`lazy` and :func:`apply_updates`).
-
-  Args:
-    fun: ``fun(params, rows, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with
-      ``has_aux``), a scalar loss.
-    table: patterns over leaf paths that select exactly one leaf of ``params``, the table.
-    has_aux: ``fun`` returns ``(loss, aux)``.
-
-  Returns:
-    ``grad_fn(params, ids, *args, **kwargs) -> (loss, grads)`` (``((loss, aux), grads)``
-    with ``has_aux``), where ``grads`` has the structure of ``params`` with a
-    ``RowSparse`` at the table and dense gradients elsewhere.
-
-  Example:
-    >>> params = {"embed": jnp.arange(8.0).reshape(4, 2), "w": jnp.ones(2)}
-    >>> def loss_fn(params, rows, y):  # rows = params["embed"][ids]
-    ...   return jnp.sum((rows.mean(1) @ params["w"] - y) ** 2)
-    >>> grad_fn = od.row_sparse_grad(loss_fn, table="embed")
-    >>> loss, grads = grad_fn(params, jnp.array([[0, 2], [3, 3]]), jnp.zeros(2))
-    >>> grads["embed"].indices
-    Array([0, 2, 3, 3], dtype=int32)
-    >>> dense = jax.grad(lambda p: loss_fn(p, p["embed"][jnp.array([[0, 2], [3, 3]])],
-    ...                                    jnp.zeros(2)))(params)
-    >>> bool(jnp.allclose(grads["embed"].todense(4), dense["embed"]))
-    True
-
-  References:
-    TensorFlow's ``IndexedSlices`` gradient of ``tf.gather``; PyTorch's
-    ``nn.Embedding(sparse=True)``.
-  """
-  compiled = _paths.compile_patterns(table, argname="table")
-  if not compiled:
-    raise ValueError(f"table must name at least one regex, got {table!r}")
-  if not isinstance(has_aux, bool | np.bool_):
-    raise ValueError(f"has_aux must be a bool, got {has_aux!r}")
-
-  def grad_fn(params, ids, *args, **kwargs):
-    leaves, treedef = jax.tree.flatten(params)
-    paths = jax.tree.leaves(_paths.tree_paths(params))
-    chosen = [i for i, path in enumerate(paths) if any(c.search(path) for c in compiled)]
-    if len(chosen) != 1:
-      raise ValueError(
-        f"od.row_sparse_grad: table={table!r} must select exactly one leaf, it selects "
-        f"{[paths[i] for i in chosen]} of {paths[:8]}"
-      )
-    (k,) = chosen
-    tbl = jnp.asarray(leaves[k])
-    ids = jnp.asarray(ids)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"od.row_sparse_grad: ids must be integers, got {ids.dtype}")
-    if tbl.ndim < 1:
-      raise ValueError(f"od.row_sparse_grad: the table {paths[k]} must have ndim >= 1")
-    flat_ids = _canonical_indices(ids.reshape(-1), tbl.shape[0])
-    rows = tbl.at[flat_ids].get(mode="fill", fill_value=0).reshape(*ids.shape, *tbl.shape[1:])
-    rest = leaves[:k] + leaves[k + 1 :]
-
-    def loss(rest, rows):
-      full = list(rest[:k]) + [None] + list(rest[k:])
-      return fun(treedef.unflatten(full), rows, *args, **kwargs)
-
-    value, (g_rest, g_rows) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=has_aux)(
-      rest, rows
-    )
-    g_table = RowSparse(flat_ids, g_rows.reshape(-1, *tbl.shape[1:]))
-    grads = treedef.unflatten(list(g_rest[:k]) + [g_table] + list(g_rest[k:]))
-    return value, grads
-
-  return grad_fn

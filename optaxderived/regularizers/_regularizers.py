@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxderived import _checks
+from optaxderived._core import checks
+
+_FN = "od.regularizers"  # TODO(split): name each public function
 
 _Fn = Callable[[Any], Any]
 _Weights = Any  # None, an array (pytree) broadcastable to the outputs, or outputs -> weights
@@ -93,9 +95,9 @@ def gradient_penalty(fn: _Fn, x: Any, *, weights: _Weights = None) -> jax.Array:
 
   Example:
     >>> f = lambda x: jnp.stack([2.0 * x, 3.0 * x])  # the spec's example: 2² + 3² = 13
-    >>> float(od.gradient_penalty(f, jnp.float32(0.5)))
+    >>> float(od.regularizers.gradient_penalty(f, jnp.float32(0.5)))
     13.0
-    >>> float(od.gradient_penalty(f, jnp.float32(0.5), weights=2.0))  # λ = 2 (squared error)
+    >>> float(od.regularizers.gradient_penalty(f, jnp.float32(0.5), weights=2.0))  # λ = 2 (squared error)
     26.0
 
   References:
@@ -165,7 +167,7 @@ def rademacher_gradient_penalty(
 
   Example:
     >>> f = lambda x: jnp.stack([2.0 * x, 3.0 * x])  # exact value 2² + 3² = 13
-    >>> est = od.rademacher_gradient_penalty(f, jnp.float32(0.5), jax.random.key(0))
+    >>> est = od.regularizers.rademacher_gradient_penalty(f, jnp.float32(0.5), jax.random.key(0))
     >>> float(est) in (1.0, 25.0)  # (2η₁ + 3η₂)² for signs η, whose mean over signs is 13
     True
 
@@ -174,7 +176,7 @@ def rademacher_gradient_penalty(
     Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
     smoothing splines" (1989).
   """
-  _checks.check_int("num_samples", num_samples, low=1)
+  checks.check_int(_FN, "num_samples", num_samples, low=1)
   _check_weights(weights)
   out, vjp_fn = jax.vjp(fn, x)
   w = _output_weights(weights, out)
@@ -245,9 +247,9 @@ _TINY = 1e-30  # a zero direction stays zero instead of becoming NaN
 
 
 def _check_vat(epsilon: Any, xi: Any, num_iters: Any, batch_axis: Any) -> None:
-  _checks.check_positive("epsilon", epsilon)
-  _checks.check_positive("xi", xi)
-  _checks.check_int("num_iters", num_iters, low=0)
+  checks.check_positive(_FN, "epsilon", epsilon)
+  checks.check_positive(_FN, "xi", xi)
+  checks.check_int(_FN, "num_iters", num_iters, low=0)
   if batch_axis is not None and (
     isinstance(batch_axis, bool) or not isinstance(batch_axis, int)
   ):
@@ -311,7 +313,7 @@ def vat_perturbation(
   Example:
     >>> w = jnp.array([[1.0, 0.0], [0.0, 3.0]])
     >>> f = lambda x: x @ w  # logits; at x = 0 the KL Hessian in x is ¼ [[1, -3], [-3, 9]]
-    >>> r = od.vat_perturbation(f, jnp.zeros((1, 2)), jax.random.key(0), num_iters=5, xi=1e-2)
+    >>> r = od.regularizers.vat_perturbation(f, jnp.zeros((1, 2)), jax.random.key(0), num_iters=5, xi=1e-2)
     >>> print(jnp.round(jnp.abs(r), 3))  # its top eigenvector, ± (1, -3) / √10
     [[0.316 0.949]]
 
@@ -388,7 +390,7 @@ def vat_loss(
 
   Example:
     >>> w = jnp.array([[1.0, -1.0], [2.0, 0.5]])
-    >>> loss = lambda w, x: od.vat_loss(lambda x: x @ w, x, jax.random.key(0), batch_axis=0)
+    >>> loss = lambda w, x: od.regularizers.vat_loss(lambda x: x @ w, x, jax.random.key(0), batch_axis=0)
     >>> x = jnp.ones((4, 2))
     >>> bool(loss(w, x) > 0), jax.grad(loss)(w, x).shape
     (True, (2, 2))

@@ -7,7 +7,7 @@ error estimate turns :math:`h` into an adaptive learning rate with accept/reject
 
 Two ways to use a method:
 
-* :meth:`Stepper.step` (``od.heun(0.1).step(loss_fn, params, state, batch)``) owns the
+* :meth:`Stepper.step` (``od.ode.heun(0.1).step(loss_fn, params, state, batch)``) owns the
   gradient evaluations: one ``jax.value_and_grad`` per stage, on the same arguments.
 * :func:`as_transformation` makes it an ``optax.GradientTransformationExtraArgs`` whose
   ``update(grads, state, params, *, grad_fn)`` takes the first stage from the incoming
@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxderived import _checks
+from optaxderived._core import checks
+
+_FN = "od.ode"  # TODO(split): name each public function
 
 # The PI controller's memory term (Hairer & Wanner's DOPRI5 code): beta, the exponent of the
 # previous error, and the floor of the stored previous error.
@@ -76,9 +78,9 @@ class ButcherTableau:
   and a violation raises ``ValueError``.
 
   Example:
-    >>> tableau = od.ButcherTableau(c=[0, 1], a=[[1]], b=[0.5, 0.5], order=2,
+    >>> tableau = od.ode.ButcherTableau(c=[0, 1], a=[[1]], b=[0.5, 0.5], order=2,
     ...                             b_error=[-0.5, 0.5])
-    >>> tableau == od.HEUN, tableau.num_stages, tableau.fsal
+    >>> tableau == od.ode.HEUN, tableau.num_stages, tableau.fsal
     (True, 2, False)
   """
 
@@ -108,7 +110,7 @@ class ButcherTableau:
     b = _floats("b", self.b)
     if len(b) != s or abs(sum(b) - 1.0) > _COEF_TOL:
       raise ValueError(f"b must hold s = {s} weights summing to 1, got {self.b!r}")
-    _checks.check_int("order", self.order)
+    checks.check_int(_FN, "order", self.order)
     b_error = None
     if self.b_error is not None:
       b_error = _floats("b_error", self.b_error)
@@ -119,7 +121,7 @@ class ButcherTableau:
     if self.embedded_order is not None:
       if b_error is None:
         raise ValueError("embedded_order needs b_error (the embedded error estimate)")
-      _checks.check_int("embedded_order", self.embedded_order)
+      checks.check_int(_FN, "embedded_order", self.embedded_order)
     object.__setattr__(self, "c", c)
     object.__setattr__(self, "a", rows)
     object.__setattr__(self, "b", b)
@@ -307,24 +309,24 @@ class Stepper:
 
   def __post_init__(self):
     if not isinstance(self.tableau, ButcherTableau):
-      raise ValueError(f"tableau must be an od.ButcherTableau, got {self.tableau!r}")
-    _checks.check_positive("learning_rate", self.learning_rate)
-    _checks.check_range("rtol", self.rtol, low=0.0)
-    _checks.check_range("atol", self.atol, low=0.0)
-    if _checks.concrete_scalar(self.rtol) == 0.0 and _checks.concrete_scalar(self.atol) == 0.0:
+      raise ValueError(f"tableau must be an od.ode.ButcherTableau, got {self.tableau!r}")
+    checks.check_positive(_FN, "learning_rate", self.learning_rate)
+    checks.check_range(_FN, "rtol", self.rtol, low=0.0)
+    checks.check_range(_FN, "atol", self.atol, low=0.0)
+    if checks.concrete_scalar(self.rtol) == 0.0 and checks.concrete_scalar(self.atol) == 0.0:
       raise ValueError(
         f"rtol and atol cannot both be 0, got rtol={self.rtol}, atol={self.atol}"
       )
-    _checks.check_choice("controller", self.controller, ("pi", "i"))
-    _checks.check_range("safety", self.safety, low=0.0, high=1.0, low_open=True)
-    _checks.check_range("factor_min", self.factor_min, low=0.0, high=1.0, low_open=True)
-    _checks.check_range("factor_max", self.factor_max, low=1.0)
-    _checks.check_range("min_step_size", self.min_step_size, low=0.0)
+    checks.check_choice(_FN, "controller", self.controller, ("pi", "i"))
+    checks.check_range(_FN, "safety", self.safety, low=0.0, high=1.0, low_open=True)
+    checks.check_range(_FN, "factor_min", self.factor_min, low=0.0, high=1.0, low_open=True)
+    checks.check_range(_FN, "factor_max", self.factor_max, low=1.0)
+    checks.check_range(_FN, "min_step_size", self.min_step_size, low=0.0)
     if self.max_step_size is not None:
-      _checks.check_positive("max_step_size", self.max_step_size)
+      checks.check_positive(_FN, "max_step_size", self.max_step_size)
       low, high = (
-        _checks.concrete_scalar(self.min_step_size),
-        _checks.concrete_scalar(self.max_step_size),
+        checks.concrete_scalar(self.min_step_size),
+        checks.concrete_scalar(self.max_step_size),
       )
       if low is not None and high is not None and high < low:
         raise ValueError(
@@ -342,9 +344,7 @@ class Stepper:
           "learning_rate must be a number when adaptive=True (it is the initial step "
           f"size; the controller picks the next ones), got {self.learning_rate!r}"
         )
-    elif not (
-      _checks.concrete_scalar(self.min_step_size) == 0.0 and self.max_step_size is None
-    ):
+    elif not (checks.concrete_scalar(self.min_step_size) == 0.0 and self.max_step_size is None):
       raise ValueError(
         "min_step_size and max_step_size bound adaptive steps: pass adaptive=True, got "
         f"min_step_size={self.min_step_size!r}, max_step_size={self.max_step_size!r}"
@@ -352,7 +352,7 @@ class Stepper:
     if self.fsal and not self.tableau.fsal:
       raise ValueError(
         "fsal=True needs a tableau whose last stage is evaluated at the step's result "
-        "(od.BOSH3, od.DOPRI5)"
+        "(od.ode.BOSH3, od.ode.DOPRI5)"
       )
 
   # ---------------------------------------------------------------------------------------
@@ -680,7 +680,7 @@ def runge_kutta(
   float32 (float64 for float64 params).
 
   Args:
-    tableau: the method, e.g. ``od.HEUN``, ``od.RK4``, ``od.BOSH3``, ``od.DOPRI5``.
+    tableau: the method, e.g. ``od.ode.HEUN``, ``od.ode.RK4``, ``od.ode.BOSH3``, ``od.ode.DOPRI5``.
     learning_rate: the step size ``h`` (> 0); a schedule of the step count for fixed
       steps; the initial ``h`` when ``adaptive``.
     adaptive: control ``h`` with the embedded error estimate (needs ``tableau.b_error``).
@@ -694,11 +694,11 @@ def runge_kutta(
       accepted whatever its (finite) error.
     max_step_size: adaptive only; ``h`` never goes above it (None: no bound).
     fsal: keep the last stage's loss and gradient for the next step's first stage
-      ("first same as last", ``od.BOSH3`` and ``od.DOPRI5``): one evaluation fewer per
+      ("first same as last", ``od.ode.BOSH3`` and ``od.ode.DOPRI5``): one evaluation fewer per
       step. Only valid when the loss is the same at every step (full batch, no dropout)
       and nothing else changes the params between steps. Without it, fixed steps of such a
       tableau evaluate the last stage for the error estimate alone; to skip it, drop the
-      stage: ``od.ButcherTableau(c=t.c[:-1], a=t.a[:-1], b=t.b[:-1], order=t.order)``.
+      stage: ``od.ode.ButcherTableau(c=t.c[:-1], a=t.a[:-1], b=t.b[:-1], order=t.order)``.
     accumulator_dtype: dtype the stages are summed in (see above).
 
   Returns:
@@ -707,7 +707,7 @@ def runge_kutta(
 
   Example:
     >>> loss_fn = lambda p, x: 0.5 * jnp.sum((p["w"] - x) ** 2)
-    >>> stepper = od.runge_kutta(od.HEUN, 0.1)
+    >>> stepper = od.ode.runge_kutta(od.ode.HEUN, 0.1)
     >>> params = {"w": jnp.ones(2)}
     >>> state = stepper.init(params)
     >>> params, state, info = jax.jit(stepper.step, static_argnums=0)(
@@ -744,10 +744,10 @@ def runge_kutta(
 
 
 def euler(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
-  """Euler's method (``od.EULER``): SGD, one gradient per step. See :func:`runge_kutta`.
+  """Euler's method (``od.ode.EULER``): SGD, one gradient per step. See :func:`runge_kutta`.
 
   Example:
-    >>> stepper = od.euler(0.1)
+    >>> stepper = od.ode.euler(0.1)
     >>> theta, _, _ = stepper.step(lambda p: 0.5 * p**2, jnp.ones([]),
     ...                            stepper.init(jnp.ones([])))
     >>> theta  # θ − h θ
@@ -757,14 +757,14 @@ def euler(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
 
 
 def heun(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
-  """Heun's method (``od.HEUN``): order 2, two gradients per step.
+  """Heun's method (``od.ode.HEUN``): order 2, two gradients per step.
 
   As in the post: a plain gradient step, then a correction by half the difference of the
   two gradients, ``θ₁ = θ₀ − h g₀``, ``θ ← θ₁ − (h/2)(g(θ₁) − g₀)``. See
   :func:`runge_kutta` for the arguments.
 
   Example:
-    >>> stepper = od.heun(0.1)
+    >>> stepper = od.ode.heun(0.1)
     >>> params, state, info = stepper.step(lambda p: 0.5 * p**2, jnp.ones([]),
     ...                                    stepper.init(jnp.ones([])))
     >>> params
@@ -774,10 +774,10 @@ def heun(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
 
 
 def midpoint(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
-  """The explicit midpoint method (``od.MIDPOINT``): order 2, two gradients per step.
+  """The explicit midpoint method (``od.ode.MIDPOINT``): order 2, two gradients per step.
 
   Example:
-    >>> stepper = od.midpoint(0.1)
+    >>> stepper = od.ode.midpoint(0.1)
     >>> theta, _, _ = stepper.step(lambda p: 0.5 * p**2, jnp.ones([]),
     ...                            stepper.init(jnp.ones([])))
     >>> theta  # θ − h (θ − (h/2) θ)
@@ -787,10 +787,10 @@ def midpoint(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
 
 
 def ralston(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
-  """Ralston's method (``od.RALSTON``): order 2, two gradients per step.
+  """Ralston's method (``od.ode.RALSTON``): order 2, two gradients per step.
 
   Example:
-    >>> stepper = od.ralston(0.1)
+    >>> stepper = od.ode.ralston(0.1)
     >>> theta, _, _ = stepper.step(lambda p: 0.5 * p**2, jnp.ones([]),
     ...                            stepper.init(jnp.ones([])))
     >>> theta  # on a linear flow every 2-stage order-2 method gives 1 − h + h²/2
@@ -800,10 +800,10 @@ def ralston(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
 
 
 def rk4(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
-  """The classical Runge–Kutta method (``od.RK4``): order 4, four gradients per step.
+  """The classical Runge–Kutta method (``od.ode.RK4``): order 4, four gradients per step.
 
   Example:
-    >>> stepper = od.rk4(0.1)
+    >>> stepper = od.ode.rk4(0.1)
     >>> theta, _, info = stepper.step(lambda p: 0.5 * p**2, jnp.ones([]),
     ...                               stepper.init(jnp.ones([])))
     >>> theta, info.grad_evals  # exp(-0.1) = 0.90483742
@@ -813,11 +813,11 @@ def rk4(lr: optax.ScalarOrSchedule, **kwargs: Any) -> Stepper:
 
 
 def rk23(lr: float, *, adaptive: bool = True, **kwargs: Any) -> Stepper:
-  """Bogacki–Shampine RK23 (``od.BOSH3``), adaptive by default: 4 gradients per step (3 with
+  """Bogacki–Shampine RK23 (``od.ode.BOSH3``), adaptive by default: 4 gradients per step (3 with
   ``fsal=True``). See :func:`runge_kutta`.
 
   Example:
-    >>> stepper = od.rk23(0.1, rtol=1e-4, atol=1e-4, controller="i")
+    >>> stepper = od.ode.rk23(0.1, rtol=1e-4, atol=1e-4, controller="i")
     >>> _, state, info = stepper.step(lambda p: 0.5 * p**2, jnp.ones([]),
     ...                               stepper.init(jnp.ones([])))
     >>> info.accepted, info.error, state.step_size  # the spec's worked example
@@ -827,11 +827,11 @@ def rk23(lr: float, *, adaptive: bool = True, **kwargs: Any) -> Stepper:
 
 
 def rk45(lr: float, *, adaptive: bool = True, **kwargs: Any) -> Stepper:
-  """Dormand–Prince RK45 (``od.DOPRI5``), adaptive by default: 7 gradients per step (6 with
+  """Dormand–Prince RK45 (``od.ode.DOPRI5``), adaptive by default: 7 gradients per step (6 with
   ``fsal=True``). See :func:`runge_kutta`.
 
   Example:
-    >>> stepper = od.rk45(0.1, fsal=True)  # a full-batch loss: reuse the last stage
+    >>> stepper = od.ode.rk45(0.1, fsal=True)  # a full-batch loss: reuse the last stage
     >>> theta, state = jnp.ones([]), stepper.init(jnp.ones([]))
     >>> for _ in range(3):
     ...   theta, state, info = stepper.step(lambda p: 0.5 * p**2, theta, state)
@@ -859,14 +859,14 @@ def as_transformation(stepper: Stepper) -> optax.GradientTransformationExtraArgs
   ``apply_gradients`` does not forward ``grad_fn``, use :func:`apply_gradients`.
 
   Args:
-    stepper: a :class:`Stepper` (``od.heun(0.1)``, ``od.rk23(0.1)``, ...).
+    stepper: a :class:`Stepper` (``od.ode.heun(0.1)``, ``od.ode.rk23(0.1)``, ...).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
     >>> loss_fn = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
-    >>> tx = od.as_transformation(od.heun(0.1))
+    >>> tx = od.ode.as_transformation(od.ode.heun(0.1))
     >>> params = {"w": jnp.ones(2)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.grad(loss_fn)(params), state, params,
@@ -875,7 +875,9 @@ def as_transformation(stepper: Stepper) -> optax.GradientTransformationExtraArgs
     Array([0.905, 0.905], dtype=float32)
   """
   if not isinstance(stepper, Stepper):
-    raise ValueError(f"stepper must be an od.Stepper (od.heun(0.1), ...), got {stepper!r}")
+    raise ValueError(
+      f"stepper must be an od.ode.Stepper (od.ode.heun(0.1), ...), got {stepper!r}"
+    )
   if stepper.fsal:
     raise ValueError(
       "as_transformation cannot reuse the last stage (its first stage is the incoming "
@@ -887,8 +889,8 @@ def as_transformation(stepper: Stepper) -> optax.GradientTransformationExtraArgs
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
-    _checks.require_params(params, "as_transformation")
-    _checks.check_same_tree("as_transformation", updates, params, "params")
+    checks.require_params(params, "as_transformation")
+    checks.check_same_tree("as_transformation", updates, params, "params")
     if grad_fn is None and stepper.num_stages > 1:
       raise ValueError(
         "as_transformation needs grad_fn=: update(grads, state, params, grad_fn=g) "
@@ -908,7 +910,7 @@ def apply_gradients(train_state: Any, *, grads: Any, **extra_args: Any) -> Any:
   """``TrainState.apply_gradients`` that forwards extra arguments to ``tx.update``.
 
   Flax's ``TrainState.apply_gradients(grads=..., **kwargs)`` treats ``kwargs`` as fields to
-  replace, so a transformation that needs ``grad_fn=`` (``od.as_transformation``, optax's
+  replace, so a transformation that needs ``grad_fn=`` (``od.ode.as_transformation``, optax's
   line searches) cannot get it there. This helper does the same update (``tx.update``,
   ``optax.apply_updates``, ``step + 1``) and passes ``**extra_args`` to ``tx.update``.
 
@@ -925,8 +927,8 @@ def apply_gradients(train_state: Any, *, grads: Any, **extra_args: Any) -> Any:
     >>> from flax.training import train_state
     >>> loss_fn = lambda p: 0.5 * jnp.sum(p["w"] ** 2)
     >>> state = train_state.TrainState.create(
-    ...     apply_fn=None, params={"w": jnp.ones(2)}, tx=od.as_transformation(od.rk4(0.1)))
-    >>> state = od.apply_gradients(state, grads=jax.grad(loss_fn)(state.params),
+    ...     apply_fn=None, params={"w": jnp.ones(2)}, tx=od.ode.as_transformation(od.ode.rk4(0.1)))
+    >>> state = od.ode.apply_gradients(state, grads=jax.grad(loss_fn)(state.params),
     ...                            grad_fn=jax.grad(loss_fn))
     >>> state.params["w"], state.step
     (Array([0.9048375, 0.9048375], dtype=float32), 1)

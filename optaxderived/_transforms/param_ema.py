@@ -1,5 +1,7 @@
 """An exponential moving average of the parameters, kept in the optimizer state."""
 
+from __future__ import annotations
+
 from typing import Any
 from typing import NamedTuple
 
@@ -7,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxderived import _checks
-from optaxderived._state import find_state
+from optaxderived._core import checks
+from optaxderived._core import numerics
+from optaxderived._core.state import find_state
 
 
 class ParamEmaState(NamedTuple):
@@ -36,7 +39,7 @@ class ParamEmaState(NamedTuple):
 def _accumulator_dtype(dtype: Any, accumulator_dtype: Any) -> Any:
   if accumulator_dtype is not None:
     return accumulator_dtype
-  return jnp.promote_types(dtype, jnp.float32)  # at least float32: bf16 would stall the EMA
+  return numerics.wide_dtype(dtype)  # at least float32: bf16 would stall the EMA
 
 
 def _widen(p: jax.Array, dtype: Any) -> jax.Array:
@@ -120,10 +123,11 @@ def param_ema(
     debiasing, section 3). bert4keras ``extend_with_exponential_moving_average``,
     https://github.com/bojone/bert4keras/blob/master/bert4keras/optimizers.py.
   """
-  _checks.check_range("decay", decay, low=0.0, high=1.0, high_open=True, schedule=False)
-  _checks.check_bool("debias", debias)
+  fn = "od.param_ema"
+  checks.check_range(fn, "decay", decay, low=0.0, high=1.0, high_open=True, schedule=False)
+  checks.check_bool(fn, "debias", debias)
   if accumulator_dtype is not None:
-    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
+    accumulator_dtype = checks.check_float_dtype(fn, "accumulator_dtype", accumulator_dtype)
 
   def init_fn(params):
     def leaf(p):
@@ -153,14 +157,14 @@ def param_ema(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _checks.require_params(params, "param_ema")
+    checks.require_params(params, fn)
     try:
       new_params = optax.apply_updates(params, updates)
       dtype = state.log_zero_weight.dtype
       ema = jax.tree.map(lambda m, p: _average(m, p, dtype), state.ema, new_params)
     except ValueError as error:
       raise ValueError(
-        f"param_ema: the updates, params and average must have the same tree structure: {error}"
+        f"{fn}: the updates, params and average must have the same tree structure: {error}"
       ) from None
     log_zero_weight, compensation = state.log_zero_weight, state.log_zero_weight_compensation
     if debias:
@@ -217,12 +221,12 @@ def ema_params(state: Any, params: Any) -> Any:
     >>> od.ema_params(state, {"w": jnp.array([1.0])})
     {'w': Array([1.], dtype=float32)}
   """
-  found = find_state(state, ParamEmaState, accessor="ema_params")
+  found = find_state(state, ParamEmaState, accessor="od.ema_params")
   leaves, treedef = jax.tree.flatten(params)
   ema_leaves = jax.tree.leaves(found.ema)
   if len(leaves) != len(ema_leaves):
     raise ValueError(
-      f"ema_params: params have {len(leaves)} leaves, the average has {len(ema_leaves)}"
+      f"od.ema_params: params have {len(leaves)} leaves, the average has {len(ema_leaves)}"
     )
   # jnp.asarray unwraps the Variables that nnx.Optimizer puts around state leaves.
   started = jnp.asarray(found.count) > 0

@@ -1,5 +1,7 @@
 """Gradient accumulation (soft batch): k micro-batches act like one batch k times larger."""
 
+from __future__ import annotations
+
 from typing import Any
 from typing import NamedTuple
 
@@ -8,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxderived import _checks
-from optaxderived._state import find_state
+from optaxderived._core import checks
+from optaxderived._core import numerics
+from optaxderived._core.state import find_state
 
 
 class AccumulateState(NamedTuple):
@@ -36,6 +39,8 @@ class AccumulateState(NamedTuple):
   num_skipped: jax.Array
   inner_state: Any
   emitted: jax.Array
+
+  micro_steps = True  # a marker, not a field: see optaxderived._core.state.holds_micro_steps
 
 
 def accumulate(
@@ -145,16 +150,16 @@ def accumulate(
     https://kexue.fm/archives/5879; bert4keras ``extend_with_gradient_accumulation``;
     ``optax.MultiSteps``.
   """
-  if not (hasattr(inner, "init") and hasattr(inner, "update")):
-    raise TypeError(f"accumulate: inner must be an optax transformation, got {inner!r}")
-  _checks.check_int("every_k", every_k, low=1)
-  _checks.check_bool("skip_nonfinite", skip_nonfinite)
+  fn = "od.accumulate"
+  checks.check_transformation(fn, "inner", inner)
+  checks.check_int(fn, "every_k", every_k, low=1)
+  checks.check_bool(fn, "skip_nonfinite", skip_nonfinite)
   if accumulator_dtype is None:  # as in param_ema: the params' dtypes, at least float32
     accumulator_dtype = jnp.float32
   if isinstance(accumulator_dtype, jax.Array | np.ndarray):
     # optax.inject_hyperparams takes the (callable) dtype for a schedule and passes its value.
     accumulator_dtype = accumulator_dtype.dtype
-  acc_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
+  acc_dtype = checks.check_float_dtype(fn, "accumulator_dtype", accumulator_dtype)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -179,15 +184,15 @@ def accumulate(
     )
 
   def update_fn(updates, state, params=None, *, weight=None, **extra_args):
-    _checks.check_same_tree("accumulate", updates, state.acc_grads, "params given to init")
+    checks.check_same_tree(fn, updates, state.acc_grads, "params given to init")
     weight_dtype = jnp.result_type(state.acc_weight)
     if weight is None:
       weight = jnp.ones([], weight_dtype)
     else:
       if jnp.ndim(weight) != 0:
-        raise ValueError(f"accumulate: weight must be a scalar, got shape {jnp.shape(weight)}")
+        raise ValueError(f"{fn}: weight must be a scalar, got shape {jnp.shape(weight)}")
       if not isinstance(weight, jax.core.Tracer) and np.asarray(weight) < 0:
-        raise ValueError(f"accumulate: weight must be >= 0, got {weight!r}")
+        raise ValueError(f"{fn}: weight must be >= 0, got {weight!r}")
       weight = jnp.asarray(weight, weight_dtype)
 
     if skip_nonfinite:
@@ -197,7 +202,7 @@ def accumulate(
     else:
       finite = jnp.ones([], jnp.bool_)
 
-    k = every_k(state.step) if callable(every_k) else every_k
+    k = numerics.value_at(every_k, state.step)
     emit = finite & (state.micro_step + 1 >= k)
     total_weight = state.acc_weight + jnp.where(finite, weight, 0)
 
@@ -268,4 +273,4 @@ def has_updated(state: Any) -> jax.Array:
     True
   """
   # jnp.asarray unwraps the Variables that nnx.Optimizer puts around state leaves.
-  return jnp.asarray(find_state(state, AccumulateState, accessor="has_updated").emitted)
+  return jnp.asarray(find_state(state, AccumulateState, accessor="od.has_updated").emitted)

@@ -1,22 +1,34 @@
 """``od.derive``: the derived techniques composed around a base optimizer, in order."""
 
+from __future__ import annotations
+
+import contextlib
 import math
+from collections.abc import Iterator
 from collections.abc import Mapping
+from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optaxderived import _accumulation
-from optaxderived import _checks
-from optaxderived import _clipping
-from optaxderived import _derived
-from optaxderived import _ema
-from optaxderived import _lazy
-from optaxderived import _lookahead
-from optaxderived import _path_rules
-from optaxderived import _paths
+from optaxderived._core import checks
+from optaxderived._core import paths
+from optaxderived._core.state import find_states
+from optaxderived._transforms.accumulate import accumulate
+from optaxderived._transforms.clip_norm import clip_norm
+from optaxderived._transforms.layer_adaptation import layer_adaptation as layer_adaptation_
+from optaxderived._transforms.lazy import lazy as lazy_
+from optaxderived._transforms.learning_rate import scale_by_learning_rate
+from optaxderived._transforms.lookahead import lookahead as lookahead_
+from optaxderived._transforms.param_ema import param_ema
+from optaxderived._transforms.scale_by_path import scale_by_path
+from optaxderived._transforms.schedules import piecewise_linear
+from optaxderived._transforms.weight_decay import weight_decay as weight_decay_
+from optaxderived.sparse._row_sparse import RowSparse
+
+FN = "od.derive"
 
 
 class ScaleByAdamState(NamedTuple):
@@ -65,12 +77,12 @@ def _learning_rate(
   if lr_schedule is None:
     return learning_rate
   if isinstance(lr_schedule, Mapping):
-    multiplier = _derived.piecewise_linear(lr_schedule)
+    multiplier = piecewise_linear(lr_schedule)
   elif callable(lr_schedule):
     multiplier = lr_schedule
   else:
     raise ValueError(
-      "lr_schedule must be a {step: multiplier} dict or a schedule of multipliers, "
+      f"{FN}: lr_schedule must be a {{step: multiplier}} dict or a schedule of multipliers, "
       f"got {lr_schedule!r}"
     )
   if callable(learning_rate):
@@ -78,22 +90,46 @@ def _learning_rate(
   return lambda count: learning_rate * multiplier(count)
 
 
+def _holds_learning_rate(base: optax.GradientTransformation) -> bool:
+  """Whether ``base`` visibly applies a learning rate: its state holds a schedule's count
+  (``optax.adam(schedule)``) or an injected ``learning_rate``. A constant rate
+  (``optax.adam(1e-3)``) leaves no trace in the state and cannot be detected."""
+  try:
+    state = jax.eval_shape(base.init, {})
+  except Exception:  # a base whose init needs real params: nothing to learn from it here
+    return False
+  injected = find_states(state, optax.InjectHyperparamsState)
+  return bool(find_states(state, optax.ScaleByScheduleState)) or any(
+    "learning_rate" in s.hyperparams for s in injected
+  )
+
+
+@contextlib.contextmanager
+def _argument(name: str) -> Iterator[None]:
+  """Re-raises a nested factory's ``ValueError`` as one of ``od.derive``'s ``name``."""
+  try:
+    yield
+  except ValueError as error:
+    raise ValueError(f"{FN}: {name}: {error}") from None
+
+
 def derive(
   learning_rate: optax.ScalarOrSchedule,
   *,
   base: optax.GradientTransformation | None = None,
   weight_decay: optax.ScalarOrSchedule = 0.0,
-  exclude_from_weight_decay: _paths.Patterns = (),
+  exclude_from_weight_decay: paths.Patterns = (),
   layer_adaptation: bool = False,
-  exclude_from_layer_adaptation: _paths.Patterns = (),
+  exclude_from_layer_adaptation: paths.Patterns = (),
   lr_schedule: Mapping[int, float] | optax.Schedule | None = None,
-  paramwise_lr: Mapping[_paths.Patterns, optax.ScalarOrSchedule] | None = None,
+  paramwise_lr: Mapping[paths.Patterns, optax.ScalarOrSchedule] | None = None,
   clip: float | optax.GradientTransformation | None = None,
-  grad_accum_steps: int = 1,
+  grad_accum_steps: int | optax.Schedule = 1,
   lookahead: tuple[int, float] | None = None,
-  lazy: _paths.Patterns | None = None,
+  lazy: paths.Patterns | None = None,
   ema: float | None = None,
   bias_correction: bool = True,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Composes the derived techniques around a base optimizer, in the order that is right.
 
@@ -170,26 +206,36 @@ def derive(
     ...           "Norm": {"scale": jnp.ones(2)}}
     >>> state = tx.init(params)
   """
-  _checks.check_positive("learning_rate", learning_rate, finite=True)
-  _checks.check_int("grad_accum_steps", grad_accum_steps)
-  _checks.check_range("weight_decay", weight_decay, low=0.0, high=math.inf, high_open=True)
-  _checks.check_bool("layer_adaptation", layer_adaptation)
-  _checks.check_bool("bias_correction", bias_correction)
+  checks.check_finite(FN, "learning_rate", learning_rate, low=0.0)
+  checks.check_int(FN, "grad_accum_steps", grad_accum_steps)
+  checks.check_range(FN, "weight_decay", weight_decay, low=0.0, high=math.inf, high_open=True)
+  checks.check_bool(FN, "layer_adaptation", layer_adaptation)
+  checks.check_bool(FN, "bias_correction", bias_correction)
+  checks.check_bool(FN, "strict", strict)
   if ema is not None:
-    _checks.check_range("ema", ema, low=0.0, high=1.0, high_open=True)
-  if base is not None and not isinstance(base, optax.GradientTransformation):
+    checks.check_range(FN, "ema", ema, low=0.0, high=1.0, high_open=True)
+  checks.check_transformation(FN, "base", base, optional=True)
+  if base is not None and _holds_learning_rate(base):
     raise ValueError(
-      f"base must be an optax.GradientTransformation (e.g. optax.scale_by_lion(), not the "
-      f"factory), got {base!r}"
+      f"{FN}: base must be a direction without a learning rate (optax.scale_by_adam(), not "
+      f"optax.adam(...)): derive applies learning_rate after it, got {base!r}"
     )
+
+  def select(patterns: Any, name: str) -> paths.Selector:
+    return paths.selector(patterns, argname=f"{FN}: {name}", strict=strict)
+
+  exclude_wd = select(exclude_from_weight_decay, "exclude_from_weight_decay")
+  exclude_la = select(exclude_from_layer_adaptation, "exclude_from_layer_adaptation")
   parts = []
   if isinstance(clip, optax.GradientTransformation):
     parts.append(clip)
   elif clip is not None:
     if callable(clip):  # e.g. the optax.adam factory: neither a number nor a transformation
-      raise ValueError(f"clip must be a max norm or a GradientTransformation, got {clip!r}")
-    _checks.check_positive("clip", clip)
-    parts.append(_clipping.clip_norm(clip))
+      raise ValueError(
+        f"{FN}: clip must be a max norm or a GradientTransformation, got {clip!r}"
+      )
+    checks.check_positive(FN, "clip", clip)
+    parts.append(clip_norm(clip))
   if base is None:
     base = (
       optax.scale_by_adam(eps=1e-6)
@@ -197,30 +243,41 @@ def derive(
       else _scale_by_adam_uncorrected(0.9, 0.999, 1e-6)
     )
   elif not bias_correction:
-    raise ValueError("bias_correction=False applies to the default Adam base; got a base too")
-  parts.append(base if lazy is None else _lazy.lazy(base, include=lazy))
+    raise ValueError(
+      f"{FN}: bias_correction=False applies to the default Adam base; got a base too"
+    )
+  parts.append(base if lazy is None else lazy_(base, include=select(lazy, "lazy")))
   # A Python 0 leaves weight decay out; anything else (a schedule, or the arrays and tracers
   # that optax.inject_hyperparams passes, whose value the structure cannot depend on) keeps it.
   if not isinstance(weight_decay, int | float) or weight_decay != 0:
-    parts.append(_derived.weight_decay(weight_decay, exclude=exclude_from_weight_decay))
-  elif exclude_from_weight_decay:
-    raise ValueError("exclude_from_weight_decay needs weight_decay > 0")
+    parts.append(weight_decay_(weight_decay, exclude=exclude_wd))
+  elif exclude_wd:
+    raise ValueError(f"{FN}: exclude_from_weight_decay needs weight_decay > 0")
   if layer_adaptation:
-    parts.append(_derived.layer_adaptation(exclude=exclude_from_layer_adaptation))
-  elif exclude_from_layer_adaptation:
-    raise ValueError("exclude_from_layer_adaptation needs layer_adaptation=True")
-  parts.append(optax.scale_by_learning_rate(_learning_rate(learning_rate, lr_schedule)))
+    parts.append(layer_adaptation_(exclude=exclude_la))
+  elif exclude_la:
+    raise ValueError(f"{FN}: exclude_from_layer_adaptation needs layer_adaptation=True")
+  parts.append(scale_by_learning_rate(_learning_rate(learning_rate, lr_schedule)))
   if paramwise_lr is not None:
-    parts.append(_path_rules.scale_by_path(paramwise_lr))
+    with _argument("paramwise_lr"):
+      parts.append(scale_by_path(paramwise_lr, strict=strict))
   tx = optax.chain(*parts)
   if lookahead is not None:
     if not isinstance(lookahead, tuple | list) or len(lookahead) != 2:
       raise ValueError(
-        f"lookahead must be a (sync_period, slow_step_size) pair, got {lookahead!r}"
+        f"{FN}: lookahead must be a (sync_period, slow_step_size) pair, got {lookahead!r}"
       )
-    tx = _lookahead.lookahead(tx, *lookahead)
+    with _argument("lookahead"):
+      tx = lookahead_(tx, *lookahead)
   if ema is not None:
-    tx = optax.chain(tx, _ema.param_ema(ema))
+    tx = optax.chain(tx, param_ema(ema))
   if not isinstance(grad_accum_steps, int) or grad_accum_steps > 1:  # (as weight_decay above)
-    tx = _accumulation.accumulate(tx, grad_accum_steps)
-  return tx
+    tx = accumulate(tx, grad_accum_steps)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:  # before any piece, whose own error would not name derive
+      is_row_sparse = lambda x: isinstance(x, RowSparse)
+      checks.check_same_tree(FN, updates, params, "params", is_leaf=is_row_sparse)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -1,15 +1,20 @@
 """Hard and soft norm clipping, over the whole tree, each leaf or each row."""
 
+from __future__ import annotations
+
+from typing import Literal
 from typing import NamedTuple
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxderived import _checks
+from optaxderived._core import checks
+from optaxderived._core import numerics
 
-SCOPES = ("global", "leaf", "row")
+Scope = Literal["global", "leaf", "row"]
 
 
 class ClipNormState(NamedTuple):
@@ -30,24 +35,11 @@ class ClipNormState(NamedTuple):
   count: jax.Array
 
 
-def _wide(x: jax.Array) -> jax.Array:
-  """``x`` in at least float32 (bf16 and f16 are widened; f64 and complex stay)."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def _axes(x: jax.Array, scope: str) -> tuple[int, ...] | None:
   """The axes a unit's norm reduces over: axis 0 is kept for rows of ndim >= 2 leaves."""
   if scope == "row" and x.ndim >= 2:
     return tuple(range(1, x.ndim))
   return None
-
-
-def sum_of_squares(x: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
-  """``Σ |x|²`` over ``axes`` (all by default), in at least float32, complex included."""
-  x = _wide(x)
-  if jnp.iscomplexobj(x):
-    return jnp.sum(jnp.square(x.real) + jnp.square(x.imag), axis=axes)
-  return jnp.sum(jnp.square(x), axis=axes)
 
 
 def _stable_norm(norms: list[jax.Array]) -> jax.Array:
@@ -69,7 +61,7 @@ def _unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], j
   and an infinite entry an infinite one, at the cost of one reduction in the common case.
   """
   axes = [None if scope == "global" else _axes(x, scope) for x in leaves]
-  sums = [sum_of_squares(x, a) for x, a in zip(leaves, axes, strict=True)]
+  sums = [numerics.sum_of_squares(x, a) for x, a in zip(leaves, axes, strict=True)]
   if scope == "row":
     # Without the barrier XLA turns sum(row sums) into a second reduction of x² and then
     # materialises x² for both (a leaf-sized temporary per leaf).
@@ -84,9 +76,9 @@ def _unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], j
   def rescaled():
     norms = []
     for x, a, s in zip(leaves, axes, sums, strict=True):
-      x = _wide(x)
+      x = numerics.wide(x)
       e = jnp.finfo(x.real.dtype).maxexp // 2
-      scaled = jnp.sqrt(sum_of_squares(x * 2.0**-e, a)) * 2.0**e
+      scaled = jnp.sqrt(numerics.sum_of_squares(x * 2.0**-e, a)) * 2.0**e
       norms.append(jnp.where(jnp.isinf(s), scaled, jnp.sqrt(s)))
     norm = _stable_norm(norms)
     return ([norm] if scope == "global" else norms), norm
@@ -100,7 +92,7 @@ def clip_norm(
   max_norm: optax.ScalarOrSchedule,
   *,
   soft: bool = False,
-  scope: str = "global",
+  scope: Scope = "global",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips updates by their L2 norm, hard or soft, over the tree, each leaf or each row.
 
@@ -157,6 +149,9 @@ def clip_norm(
       not a bool.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaxderived as od
     >>> tx = od.clip_norm(1.0, soft=True)
     >>> grads = {"w": jnp.array([3.0, 4.0])}
     >>> updates, state = tx.update(grads, tx.init(grads))
@@ -180,11 +175,10 @@ def clip_norm(
     Pascanu, Mikolov, Bengio, `On the difficulty of training recurrent neural networks
     <https://arxiv.org/abs/1211.5063>`_, 2013 (hard global clipping).
   """
-  _checks.check_positive("max_norm", max_norm)
-  _checks.check_choice("scope", scope, SCOPES)
-  if not isinstance(soft, bool | np.bool_):
-    if not (isinstance(soft, jax.Array | np.ndarray) and np.shape(soft) == ()):
-      raise ValueError(f"soft must be a bool, got {soft!r}")
+  checks.check_positive("od.clip_norm", "max_norm", max_norm)
+  checks.check_choice("od.clip_norm", "scope", scope, get_args(Scope))
+  if not (isinstance(soft, jax.Array | np.ndarray) and np.shape(soft) == ()):
+    checks.check_bool("od.clip_norm", "soft", soft)  # a 0-d array: optax.inject_hyperparams
 
   def init_fn(params):
     del params
@@ -196,7 +190,7 @@ def clip_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    gamma = max_norm(state.count) if callable(max_norm) else max_norm
+    gamma = numerics.value_at(max_norm, state.count)
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:  # nothing to clip: a zero norm
       return updates, init_fn(None)._replace(count=optax.safe_increment(state.count))
@@ -222,7 +216,7 @@ def clip_norm(
     for x, f in zip(leaves, factors, strict=True):
       if f.ndim:  # a vector of row factors
         f = f.reshape(f.shape + (1,) * (x.ndim - 1))
-      new_leaves.append((_wide(x) * f).astype(x.dtype))
+      new_leaves.append((numerics.wide(x) * f).astype(x.dtype))
     num_units = sum(int(np.prod(c.shape)) for c in clipped)
     fraction = sum(jnp.sum(c, dtype=jnp.float32) for c in clipped) / max(num_units, 1)
     new_state = ClipNormState(

@@ -1,5 +1,7 @@
 """Finding a transformation's state inside any optimizer state (chains, wrappers, masks)."""
 
+from __future__ import annotations
+
 from typing import Any
 from typing import TypeVar
 
@@ -15,9 +17,9 @@ def find_states(state: Any, state_type: type[S]) -> list[S]:
   tuple, a wrapper's ``inner_state``, a ``partition``/``masked`` state, a dict.
 
   Example:
+    >>> import jax
     >>> import optax
-    >>> import optaxderived as od
-    >>> from optaxderived._state import find_states
+    >>> from optaxderived._core.state import find_states
     >>> tx = optax.chain(optax.clip(1.0), optax.adam(1e-3))
     >>> state = tx.init({"w": jax.numpy.ones(2)})
     >>> [type(s).__name__ for s in find_states(state, optax.ScaleByAdamState)]
@@ -40,3 +42,11 @@ def find_state(state: Any, state_type: type[S], *, accessor: str) -> S:
       f"(got a {type(state).__name__})"
     )
   return found[0]
+
+
+def holds_micro_steps(state: Any) -> bool:
+  """Whether ``state`` holds the state of a wrapper that runs its inner update on some calls
+  only (its state class sets ``micro_steps = True``, as ``AccumulateState`` does), so a
+  wrapper that must see every update (``od.lazy``'s row masks) can refuse it."""
+  found = jax.tree.leaves(state, is_leaf=lambda x: getattr(type(x), "micro_steps", False))
+  return any(getattr(type(x), "micro_steps", False) is True for x in found)

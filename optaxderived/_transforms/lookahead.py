@@ -1,5 +1,7 @@
 """Lookahead on plain params: the slow weights live in the optimizer state."""
 
+from __future__ import annotations
+
 from typing import Any
 from typing import NamedTuple
 
@@ -7,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxderived import _checks
-from optaxderived._state import find_state
+from optaxderived._core import checks
+from optaxderived._core import numerics
+from optaxderived._core.state import find_state
 
 
 class LookaheadState(NamedTuple):
@@ -107,12 +110,13 @@ def lookahead(
     NeurIPS 2019, https://arxiv.org/abs/1907.08610. Su Jianlin, "Keras实现两个优化器：
     Lookahead和LazyOptimizer", https://kexue.fm/archives/6869.
   """
-  if not (hasattr(inner, "init") and hasattr(inner, "update")):
-    raise TypeError(f"lookahead: inner must be an optax transformation, got {inner!r}")
-  _checks.check_int("sync_period", sync_period, low=1)
-  _checks.check_range("slow_step_size", slow_step_size, low=0.0, high=1.0, low_open=True)
+  fn = "od.lookahead"
+  checks.check_transformation(fn, "inner", inner)
+  checks.check_int(fn, "sync_period", sync_period, low=1, schedule=False)
+  checks.check_range(fn, "slow_step_size", slow_step_size, low=0.0, high=1.0, low_open=True)
+  checks.check_bool(fn, "reset_inner_state", reset_inner_state)
   inner = optax.with_extra_args_support(inner)
-  alpha_is_one = not callable(slow_step_size) and _checks.concrete_scalar(slow_step_size) == 1
+  alpha_is_one = not callable(slow_step_size) and checks.concrete_scalar(slow_step_size) == 1
 
   def init_fn(params):
     return LookaheadState(
@@ -122,11 +126,11 @@ def lookahead(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    _checks.require_params(params, "lookahead")
+    checks.require_params(params, fn)
     # before the inner update, whose own error would not name lookahead
-    _checks.check_same_tree("lookahead", updates, params, "params")
+    checks.check_same_tree(fn, updates, params, "params")
     fast_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    alpha = slow_step_size(state.step) if callable(slow_step_size) else slow_step_size
+    alpha = numerics.value_at(slow_step_size, state.step)
     step = optax.safe_increment(state.step)
     sync = step % sync_period == 0
 
@@ -152,8 +156,7 @@ def lookahead(
       )
     except ValueError as error:
       raise ValueError(
-        "lookahead: the updates, params and slow weights must have the same tree "
-        f"structure: {error}"
+        f"{fn}: the updates, params and slow weights must have the same tree structure: {error}"
       ) from None
     if alpha_is_one:
       new_updates = fast_updates
@@ -195,4 +198,4 @@ def lookahead_params(state: Any) -> Any:
     >>> od.lookahead_params(tx.init({"w": jnp.ones(2)}))
     {'w': Array([1., 1.], dtype=float32)}
   """
-  return find_state(state, LookaheadState, accessor="lookahead_params").slow
+  return find_state(state, LookaheadState, accessor="od.lookahead_params").slow

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxderived import _checks
-from optaxderived._paths import tree_paths
+from optaxderived._core import checks
+from optaxderived._core.paths import tree_paths
+
+_FN = "od.exponentiated"  # TODO(split): name each public function
 
 _GRANULARITIES = ("global", "leaf", "element")
 
@@ -226,7 +228,7 @@ def exponentiated_gradient(
   ``optax.keep_params_nonnegative`` and ``optax.projections.projection_simplex`` (projected
   gradient descent, which lands on the simplex's faces where EG stays inside).
   """
-  _checks.check_positive("learning_rate", learning_rate, finite=True)
+  checks.check_positive(_FN, "learning_rate", learning_rate, finite=True)
   axes = _normalize_axes(simplex_axis)
 
   def init_fn(params):
@@ -240,8 +242,8 @@ def exponentiated_gradient(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _checks.require_params(params, "exponentiated_gradient")
-    _checks.check_same_tree("exponentiated_gradient", updates, params, "params")
+    checks.require_params(params, "exponentiated_gradient")
+    checks.check_same_tree("exponentiated_gradient", updates, params, "params")
     lr = _value(learning_rate, state.count)
 
     def leaf(g, p):
@@ -343,12 +345,12 @@ def eg_plus_minus(
   Not in optax, Keras or PyTorch. The third-party PyTorch ``EGPM`` keeps the pair as the
   model's weights; here params stay one plain signed array and the pair lives in the state.
   """
-  _checks.check_positive("learning_rate", learning_rate, finite=True)
+  checks.check_positive(_FN, "learning_rate", learning_rate, finite=True)
   if total_mass is not None:
-    _checks.check_positive("total_mass", total_mass, finite=True)
-  _checks.check_positive("init_scale", init_scale, finite=True)
+    checks.check_positive(_FN, "total_mass", total_mass, finite=True)
+  checks.check_positive(_FN, "init_scale", init_scale, finite=True)
   if accumulator_dtype is not None:
-    accumulator_dtype = _checks.check_float_dtype("accumulator_dtype", accumulator_dtype)
+    accumulator_dtype = checks.check_float_dtype(_FN, "accumulator_dtype", accumulator_dtype)
 
   def acc_dtype(p):
     if accumulator_dtype is not None:
@@ -376,8 +378,8 @@ def eg_plus_minus(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _checks.require_params(params, "eg_plus_minus")
-    _checks.check_same_tree("eg_plus_minus", updates, params, "params")
+    checks.require_params(params, "eg_plus_minus")
+    checks.check_same_tree("eg_plus_minus", updates, params, "params")
     lr = _value(learning_rate, state.count)
     exponent = jax.tree.map(
       lambda g, u: jnp.asarray(lr, u.dtype) * g.astype(u.dtype), updates, state.u
@@ -508,11 +510,11 @@ def eg_step_size(
   """
   if not isinstance(inner, optax.GradientTransformation):
     raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
-  _checks.check_range("meta_learning_rate", meta_learning_rate, low=0.0)
-  _checks.check_choice("granularity", granularity, _GRANULARITIES)
+  checks.check_range(_FN, "meta_learning_rate", meta_learning_rate, low=0.0)
+  checks.check_choice(_FN, "granularity", granularity, _GRANULARITIES)
   if not isinstance(normalize, bool | np.bool_):
     raise ValueError(f"normalize must be a bool, got {normalize!r}")
-  _checks.check_range("max_exponent", max_exponent, low=0.0, low_open=True)
+  checks.check_range(_FN, "max_exponent", max_exponent, low=0.0, low_open=True)
   low, high = _check_bounds(bounds)
   inner = optax.with_extra_args_support(inner)
 
@@ -572,7 +574,7 @@ def eg_step_size(
     return jnp.clip(gain * jnp.exp(e), low, high)
 
   def update_fn(updates, state, params=None, **extra_args):
-    _checks.check_same_tree("eg_step_size", updates, state.prev_updates, "params given to init")
+    checks.check_same_tree("eg_step_size", updates, state.prev_updates, "params given to init")
     gamma = _value(meta_learning_rate, state.count)
     if granularity == "element":
       gains = jax.tree.map(

@@ -1,0 +1,1 @@
+"""What every technique shares: validation, numerics, parameter paths and state lookup."""

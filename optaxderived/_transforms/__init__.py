@@ -1,0 +1,1 @@
+"""The techniques at the package root, one per module."""
