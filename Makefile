@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint typecheck docs format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test,flax,colabs]'
+	$(BIN)/python -m pip install -q -e '.[test,flax,colabs,docs]'
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -24,7 +24,14 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+typecheck: $(VENV)/.test-installed
+	$(BIN)/mypy optaxderived
+
+# The docs site, notebooks executed (warnings are errors); open docs/_build/html/index.html.
+docs: $(VENV)/.test-installed
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+test: lint typecheck docs
 	$(BIN)/python -m pytest -n auto
 
 format: $(VENV)/.test-installed
@@ -35,4 +42,4 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache .mypy_cache docs/_build
