@@ -1,5 +1,7 @@
 """od.derive: the composition order, against explicit chains and a NumPy reference."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +40,7 @@ def _run(tx, params, grads_seq, steps):
   return params, state
 
 
-def test_spec_9_stack_with_correct_semantics_against_numpy():
+def test_the_full_stack_with_correct_semantics_against_numpy():
   """The spec's §9 stack (Adam without bias correction, weight decay, layer adaptation,
   warmup schedule, accumulation k=2) with the semantics API.md asks for: no phantom step, each
   window applied when it closes, the schedule counting real updates."""
@@ -222,3 +224,123 @@ def test_grad_accum_steps_may_be_a_schedule():
     _, state = tx.update({"w": jnp.ones(2)}, state, params)
     emitted.append(bool(od.has_updated(state)))
   assert emitted == [True, False, True, False, False, True]
+
+
+def test_inject_hyperparams_with_a_warmup_from_zero():
+  """A learning-rate schedule that starts at 0 is valid: inject_hyperparams evaluates it at
+  init (0 there) and under jit."""
+  params = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+  warmup = optax.linear_schedule(0.0, 1e-2, 4)
+  injected = optax.inject_hyperparams(od.derive)(learning_rate=warmup, weight_decay=0.01)
+  state = injected.init(params)
+  assert float(state.hyperparams["learning_rate"]) == 0.0
+  plain = optax.inject_hyperparams(optax.adamw)(
+    learning_rate=warmup, eps=1e-6, weight_decay=0.01
+  )
+  grads = jax.tree.map(lambda p: jnp.stack([0.3 * p + 0.1 * t for t in range(6)]), params)
+  got, state, _ = run_scan(injected, params, grads)
+  want, _, _ = run_scan(plain, params, grads)
+  assert_trees_close(got, want, rtol=1e-5, atol=1e-7)
+  assert float(od.learning_rate(state)) == pytest.approx(float(warmup(5)))
+
+
+def test_learning_rate_is_the_rate_of_the_last_real_update():
+  """Base rate times the schedule's multiplier at the real-update count, as
+  optax.inject_hyperparams records its rates: the one the last update used."""
+  params = {"w": jnp.ones(3)}
+  tx = od.derive(2e-3, lr_schedule={4: 1.0, 8: 0.5}, grad_accum_steps=2)
+  multiplier = od.piecewise_linear({4: 1.0, 8: 0.5})
+  state = tx.init(params)
+  assert float(od.learning_rate(state)) == pytest.approx(2e-3 * float(multiplier(0)))
+  update = jax.jit(tx.update)
+  for call in range(20):
+    _, state = update({"w": jnp.full(3, 0.1 * call)}, state, params)
+    real = (call + 1) // 2  # updates made so far; the last one had count real - 1
+    expected = 2e-3 * float(multiplier(max(real - 1, 0)))
+    assert float(od.learning_rate(state)) == pytest.approx(expected, rel=1e-6), call
+  with pytest.raises(ValueError, match="od.learning_rate: the optimizer state holds no"):
+    od.learning_rate(optax.adam(1e-3).init(params))
+
+
+def test_the_learning_rate_step_is_optax_scale_by_learning_rate_bit_for_bit():
+  params = {"w": jnp.linspace(-1.0, 1.0, 7, dtype=jnp.bfloat16), "v": jnp.ones(3)}
+  for rate in (3e-3, optax.cosine_decay_schedule(1e-2, 10)):
+    ours = od.derive(rate, base=optax.identity())
+    ref = optax.scale_by_learning_rate(rate)
+    s1, s2 = ours.init(params), ref.init(params)
+    for t in range(4):
+      grads = jax.tree.map(lambda p, t=t: (p * (t + 1)).astype(p.dtype), params)
+      u1, s1 = ours.update(grads, s1, params)
+      u2, s2 = ref.update(grads, s2, params)
+      for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_a_base_that_applies_a_scheduled_learning_rate_is_refused():
+  with pytest.raises(
+    ValueError, match="od.derive: base must be a direction without a learning"
+  ):
+    od.derive(1e-3, base=optax.adam(optax.linear_schedule(0.0, 1e-3, 10)))
+  with pytest.raises(ValueError, match="od.derive: base must be a direction"):
+    od.derive(1e-3, base=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+  od.derive(1e-3, base=optax.scale_by_lion())  # a direction: fine
+  od.derive(1e-3, base=optax.inject_hyperparams(optax.scale_by_adam)(b1=0.8))  # no rate
+
+
+def test_pattern_warnings_come_at_init_and_name_derive_s_argument():
+  params = _params()
+  tx = od.derive(
+    1e-3, weight_decay=0.01, exclude_from_weight_decay=["Norm", "LayerNorm"], grad_accum_steps=2
+  )
+  with pytest.warns(
+    UserWarning, match=r"od.derive: exclude_from_weight_decay: pattern 'LayerNorm'"
+  ):
+    state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the update says nothing more
+    jax.jit(tx.update)(params, state, params)
+  strict = od.derive(
+    1e-3, weight_decay=0.01, exclude_from_weight_decay="LayerNorm", strict=True
+  )
+  with pytest.raises(ValueError, match=r"od.derive: exclude_from_weight_decay: pattern"):
+    strict.init(params)
+  lazy = od.derive(1e-3, lazy="embed", strict=True)
+  with pytest.raises(ValueError, match=r"od.derive: lazy: pattern 'embed'"):
+    lazy.init(params)
+  paramwise = od.derive(1e-3, paramwise_lr={"decoder": 0.1}, strict=True)
+  with pytest.raises(ValueError, match=r"rule 'decoder': pattern 'decoder' matches no"):
+    paramwise.init(params)
+
+
+def test_a_predicate_excludes_every_vector_whatever_its_name():
+  """The rule that works on Flax NNX names (a LayerNorm called ``ln1``): no decay on vectors."""
+  params = {
+    "ln1": {"scale": jnp.ones(3)},
+    "dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+  }
+  tx = od.derive(
+    0.1,
+    base=optax.identity(),
+    weight_decay=0.5,
+    exclude_from_weight_decay=lambda path, p: p.ndim < 2,
+  )
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert float(jnp.abs(updates["ln1"]["scale"]).max()) == 0.0
+  assert float(jnp.abs(updates["dense"]["bias"]).max()) == 0.0
+  np.testing.assert_allclose(
+    updates["dense"]["kernel"], -0.1 * 0.5 * np.ones((3, 3)), rtol=1e-6
+  )
+
+
+def test_mismatched_gradients_name_derive_and_both_structures():
+  params = _params()
+  tx = od.derive(1e-3, weight_decay=0.01, lookahead=(2, 0.5))
+  state = tx.init(params)
+  grads = {k: v for k, v in params.items() if k != "head"}
+  with pytest.raises(
+    ValueError,
+    match=r"od.derive: the updates do not have the tree structure of the params: PyTreeDef.* vs PyTreeDef",
+  ):
+    tx.update(grads, state, params)

@@ -98,7 +98,9 @@ def _holds_learning_rate(base: optax.GradientTransformation) -> bool:
     state = jax.eval_shape(base.init, {})
   except Exception:  # a base whose init needs real params: nothing to learn from it here
     return False
-  injected = find_states(state, optax.InjectHyperparamsState)
+  injected = find_states(state, optax.InjectHyperparamsState) + find_states(
+    state, optax.InjectStatefulHyperparamsState
+  )
   return bool(find_states(state, optax.ScaleByScheduleState)) or any(
     "learning_rate" in s.hyperparams for s in injected
   )
