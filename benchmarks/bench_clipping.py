@@ -1,6 +1,6 @@
 """Clipping: `chain(od.clip_norm(1.0, ...), adam)` against `chain(clip_by_global_norm, adam)`.
 
-The issue's target (ratio <= 1.05) is for the global scope, hard and soft; the leaf and row
+The target (ratio <= 1.05) is for the global scope, hard and soft; the leaf and row
 scopes are recorded against the same optax step, which clips by the global norm only.
 """
 

@@ -1,4 +1,4 @@
-"""od.derive's full recipe against optax.adamw (issue 7: ratio <= 1.6, compile <= 3x)."""
+"""od.derive's full recipe against optax.adamw (targets: ratio <= 1.6, compile <= 3x)."""
 
 import optax
 

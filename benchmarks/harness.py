@@ -1,4 +1,4 @@
-"""Side-by-side timing of jitted training steps, as ``../shared/BENCHMARKS.md`` prescribes.
+"""Side-by-side timing of jitted training steps: each pair alternately, in one process.
 
 A *subject* is a training step as users write it: ``step(carry, batch) -> carry``, jitted
 with the carry (params and optimizer state) donated. A :class:`Case` times two subjects
@@ -77,7 +77,7 @@ class Case:
     ours: the optaxderived step.
     baseline: its counterpart (an optax step, or the floor).
     cycle: micro steps per timed call (a wrapper acting every k steps: k).
-    target: the ratio ours/baseline the issue asks for (None: none asked).
+    target: the target ratio ours/baseline (None: none asked).
     check: ``(params, batch) -> None``, raises when ``ours`` computes the wrong thing.
     batch: ``(params, key) -> batch`` (default: a gradient tree of random normals).
     params: ``scale -> params`` (default: :func:`make_params`, about 4M at ``scale=1``).

@@ -1,4 +1,4 @@
-"""od.accumulate and od.has_updated against NumPy float64 loops, optax and the spec examples."""
+"""od.accumulate and od.has_updated against NumPy float64 loops, optax and the worked examples."""
 
 import functools
 
@@ -92,10 +92,10 @@ def _as_flat_updates(updates):
   return np.stack([_flat(jax.tree.map(lambda x, i=i: x[i], updates)) for i in range(calls)])
 
 
-# The spec's worked example (SPEC-techniques.md §4.4) and the docstring's numbers.
+# The worked example and the docstring's numbers.
 
 
-def test_spec_worked_example_sgd_k2():
+def test_the_worked_example_sgd_k2():
   """k = 2, lr = 0.1, gradients 1, 3, 5, 7, 9: θ = 1, 0.8, 0.8, 0.2, 0.2 (no phantom step)."""
   tx = od.accumulate(optax.sgd(0.1), 2)
   params = jnp.array([1.0])
@@ -116,7 +116,7 @@ def test_spec_worked_example_sgd_k2():
 
 
 def test_first_real_adam_step_moves_by_the_learning_rate():
-  """The spec's Adam example (lr 0.1, gradients 1, 3, 5, 7, k = 2): the first real step is a
+  """The worked Adam example (lr 0.1, gradients 1, 3, 5, 7, k = 2): the first real step is a
   true large-batch Adam step of size lr (bert4keras moves by 0.064, to 0.9361187)."""
   tx = od.accumulate(optax.adam(0.1), 2)
   params = jnp.array([1.0])

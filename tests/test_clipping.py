@@ -107,7 +107,7 @@ def test_the_clipped_fraction_counts_rows():
   assert float(state.clipped_fraction) == 1.0
 
 
-def test_the_worked_examples_of_the_spec():
+def test_the_worked_examples():
   big, small = {"g": jnp.array([3.0, 4.0])}, {"g": jnp.array([0.3, 0.4])}
   hard, soft = od.clip_norm(1.0), od.clip_norm(1.0, soft=True)
   clip = lambda tx, g: tx.update(g, tx.init(g))[0]["g"]

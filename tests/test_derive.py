@@ -41,8 +41,8 @@ def _run(tx, params, grads_seq, steps):
 
 
 def test_the_full_stack_with_correct_semantics_against_numpy():
-  """The spec's §9 stack (Adam without bias correction, weight decay, layer adaptation,
-  warmup schedule, accumulation k=2) with the semantics API.md asks for: no phantom step, each
+  """The BERT stack (Adam without bias correction, weight decay, layer adaptation,
+  warmup schedule, accumulation k=2) with the correct semantics: no phantom step, each
   window applied when it closes, the schedule counting real updates."""
   grads = np.array([[0.1, -0.2], [0.3, 0.1], [0.2, 0.2], [0.1, 0.1], [0.0, 0.3], [0.2, -0.1]])
   lr, decay, b1, b2, eps = 0.1, 0.01, 0.9, 0.999, 1e-6
@@ -341,6 +341,7 @@ def test_mismatched_gradients_name_derive_and_both_structures():
   grads = {k: v for k, v in params.items() if k != "head"}
   with pytest.raises(
     ValueError,
-    match=r"od.derive: the updates do not have the tree structure of the params: PyTreeDef.* vs PyTreeDef",
+    match=r"od.derive: the updates do not have the tree structure of the params: "
+    r"PyTreeDef.* vs PyTreeDef",
   ):
     tx.update(grads, state, params)

@@ -1,4 +1,4 @@
-"""Weight decay, layer adaptation and piecewise-linear schedules: the spec's worked examples
+"""Weight decay, layer adaptation and piecewise-linear schedules: the worked examples
 (§1, §2, §3), NumPy references, exclusions by path, dtypes and validation."""
 
 import jax
@@ -19,7 +19,7 @@ import optaxderived as od
 
 
 def _trajectory(tx, theta0, grads):
-  """The params after each gradient, computed in float64 like the spec's examples."""
+  """The params after each gradient, computed in float64 like the worked examples."""
   with jax.enable_x64(True):
     params = jnp.asarray(theta0, jnp.float64)
     state = tx.init(params)
@@ -32,7 +32,7 @@ def _trajectory(tx, theta0, grads):
 
 
 def _close(actual, desired):
-  """Equal to the 7 significant digits the spec prints."""
+  """Equal to the 7 significant digits of the worked example."""
   np.testing.assert_allclose(actual, desired, rtol=2e-7, atol=1e-9)
 
 
@@ -44,7 +44,7 @@ def _adam(eps=1e-6):
 SPEC_1_GRADS = [[0.5, -1.0], [0.3, 0.2]]
 
 
-def test_spec_1_adam_with_and_without_weight_decay():
+def test_worked_example_1_adam_with_and_without_weight_decay():
   plain = optax.chain(_adam(), optax.scale_by_learning_rate(0.1))
   decayed = optax.chain(_adam(), od.weight_decay(0.01), optax.scale_by_learning_rate(0.1))
   p1, p2 = _trajectory(plain, [1.0, -2.0], SPEC_1_GRADS)
@@ -56,14 +56,14 @@ def test_spec_1_adam_with_and_without_weight_decay():
   np.testing.assert_allclose(p1 - d1, [0.001, -0.002], atol=1e-6)  # lr·λ·θ0
 
 
-def test_spec_1_sgd_with_weight_decay():
+def test_worked_example_1_sgd_with_weight_decay():
   tx = optax.chain(od.weight_decay(0.1), optax.sgd(0.1))
   p1, p2 = _trajectory(tx, [1.0, -2.0], SPEC_1_GRADS)
   _close(p1, [0.94, -1.88])
   _close(p2, [0.9006, -1.8812])
 
 
-def test_spec_2_sgd_with_layer_adaptation():
+def test_worked_example_2_sgd_with_layer_adaptation():
   tx = optax.chain(od.layer_adaptation(), optax.sgd(0.01))
   w1, w2 = _trajectory(tx, [3.0, 4.0], [[0.1, -0.2], [1.0, 0.0]])
   _close(w1, [2.9776393, 4.0447214])
@@ -71,7 +71,7 @@ def test_spec_2_sgd_with_layer_adaptation():
   _close(w2, [2.9274137, 4.0447214])
 
 
-def test_spec_2_adam_weight_decay_layer_adaptation():
+def test_worked_example_2_adam_weight_decay_layer_adaptation():
   tx = optax.chain(
     _adam(), od.weight_decay(0.01), od.layer_adaptation(), optax.scale_by_learning_rate(0.01)
   )
@@ -80,7 +80,7 @@ def test_spec_2_adam_weight_decay_layer_adaptation():
   _close(w2, [2.914734, 4.0457051])
 
 
-def test_spec_3_piecewise_linear_values_and_sgd_example():
+def test_worked_example_3_piecewise_linear_values_and_sgd_example():
   schedule = od.piecewise_linear({1000: 1, 2000: 0.1})
   got = [float(schedule(t)) for t in (0, 1, 500, 1000, 1500, 2000, 3000)]
   np.testing.assert_allclose(got, [0, 0.001, 0.5, 1, 0.55, 0.1, 0.1], rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""od.param_ema and od.ema_params: against NumPy (both modes), the spec's example, and Flax."""
+"""od.param_ema and od.ema_params: against NumPy (both modes), the worked example, and Flax."""
 
 import flax.serialization
 import hypothesis
@@ -64,8 +64,8 @@ def run_ema(tx, updates):
   return params, state, history
 
 
-def test_spec_worked_example():
-  """SPEC §7: SGD 0.1, g ≡ 1, μ = 0.9, θ0 = 1: raw 0.09, 0.161, 0.2149; debiased below."""
+def test_the_worked_example():
+  """The worked example: SGD 0.1, g ≡ 1, μ = 0.9, θ0 = 1: raw 0.09, 0.161, 0.2149; debiased below."""
   tx = optax.chain(optax.sgd(0.1), od.param_ema(0.9))
   params = jnp.array(1.0)
   state = tx.init(params)

@@ -49,7 +49,7 @@ def leafwise(tree, fn):
 # scale_by_path
 
 
-def test_the_worked_example_of_the_spec():
+def test_the_worked_example():
   params = {"Transformer-0-FFN": {"kernel": jnp.ones(())}, "Transformer-1-FFN": {"bias": 1.0}}
   tx = optax.chain(optax.sgd(0.1), od.scale_by_path({"Transformer-0": 0.5, "kernel": 0.2}))
   grads = jax.tree.map(jnp.ones_like, params)

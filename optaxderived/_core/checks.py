@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 
 
-def _fail(fn: str, name: str, what: str, value: Any) -> None:
+def _fail(fn: str, name: str, what: str, value: Any) -> NoReturn:
   raise ValueError(f"{fn}: {name} {what}, got {value!r}")
 
 
@@ -177,7 +178,9 @@ def check_same_tree(
   """Raises ``ValueError`` naming ``fn`` when ``updates`` and ``other`` (the params, or a
   state tree shaped like them) do not have the same tree structure (``is_leaf``: nodes of
   ``updates`` that stand for one leaf, such as row-sparse gradients)."""
-  want, got = jax.tree.structure(other), jax.tree.structure(updates, is_leaf=is_leaf)
+  # (PyTreeDef comes from a compiled module with no stub: Any to the type checker)
+  want: Any = jax.tree.structure(other)
+  got: Any = jax.tree.structure(updates, is_leaf=is_leaf)
   if got != want:
     raise ValueError(
       f"{fn}: the updates do not have the tree structure of the {what}: {got} vs {want}"

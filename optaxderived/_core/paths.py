@@ -91,6 +91,9 @@ class Selector:
   def __repr__(self) -> str:
     return repr(self.source)
 
+  def __call__(self, path: str, leaf: Any) -> bool:  # so a Selector is a Patterns predicate
+    return self.matches(path, leaf)
+
   def __bool__(self) -> bool:
     return bool(self.regexes) or self.predicate is not None
 

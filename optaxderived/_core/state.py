@@ -46,7 +46,7 @@ def find_state(state: Any, state_type: type[S], *, accessor: str) -> S:
 
 def holds_micro_steps(state: Any) -> bool:
   """Whether ``state`` holds the state of a wrapper that runs its inner update on some calls
-  only (its state class sets ``micro_steps = True``, as ``AccumulateState`` does), so a
-  wrapper that must see every update (``od.lazy``'s row masks) can refuse it."""
-  found = jax.tree.leaves(state, is_leaf=lambda x: getattr(type(x), "micro_steps", False))
-  return any(getattr(type(x), "micro_steps", False) is True for x in found)
+  only (its state has a ``micro_steps`` property that is True, as ``AccumulateState`` has), so
+  a wrapper that must see every update (``od.lazy``'s row masks) can refuse it."""
+  marked = lambda x: getattr(x, "micro_steps", None) is True
+  return any(marked(x) for x in jax.tree.leaves(state, is_leaf=marked))

@@ -40,7 +40,11 @@ class AccumulateState(NamedTuple):
   inner_state: Any
   emitted: jax.Array
 
-  micro_steps = True  # a marker, not a field: see optaxderived._core.state.holds_micro_steps
+  @property
+  def micro_steps(self) -> bool:
+    """A marker (not a field): the inner update runs on some calls only (see
+    ``optaxderived._core.state.holds_micro_steps``)."""
+    return True
 
 
 def accumulate(

@@ -32,7 +32,7 @@ class ClipNormState(NamedTuple):
 
   norm: jax.Array
   clipped_fraction: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def _axes(x: jax.Array, scope: str) -> tuple[int, ...] | None:
@@ -224,6 +224,6 @@ def clip_norm(
       clipped_fraction=jnp.asarray(fraction, jnp.float32),
       count=optax.safe_increment(state.count),
     )
-    return treedef.unflatten(new_leaves), new_state
+    return jax.tree.unflatten(treedef, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -40,7 +40,7 @@ class ScaleByAdamState(NamedTuple):
     nu: second moment, shaped like the params.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   mu: optax.Updates
   nu: optax.Updates
 

@@ -23,7 +23,7 @@ class LearningRateState(NamedTuple):
       :func:`learning_rate`.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   learning_rate: jax.Array
 
 

@@ -87,7 +87,7 @@ def lookahead(
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
   Example:
-    The spec's example: :math:`L = \theta^2/2`, SGD with learning rate 0.1, :math:`k = 2`,
+    A worked example: :math:`L = \theta^2/2`, SGD with learning rate 0.1, :math:`k = 2`,
     :math:`\alpha = 0.5`, :math:`\theta_0 = 1`:
 
     >>> import jax.numpy as jnp

@@ -30,7 +30,7 @@ class ParamEmaState(NamedTuple):
       so :math:`1 - \\mu^n` keeps its dtype's precision after many updates.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   ema: Any
   log_zero_weight: jax.Array
   log_zero_weight_compensation: jax.Array
@@ -99,7 +99,7 @@ def param_ema(
     ``update`` needs ``params``.
 
   Example:
-    The spec's example: SGD with learning rate 0.1 on gradients 1, :math:`\mu = 0.9`,
+    A worked example: SGD with learning rate 0.1 on gradients 1, :math:`\mu = 0.9`,
     :math:`\theta_0 = 1`:
 
     >>> import jax.numpy as jnp
@@ -239,4 +239,6 @@ def ema_params(state: Any, params: Any) -> Any:
     p = jnp.asarray(p)
     return jnp.where(started, m / denominator.astype(m.dtype), p).astype(p.dtype)
 
-  return treedef.unflatten([leaf(m, p) for m, p in zip(ema_leaves, leaves, strict=True)])
+  return jax.tree.unflatten(
+    treedef, [leaf(m, p) for m, p in zip(ema_leaves, leaves, strict=True)]
+  )

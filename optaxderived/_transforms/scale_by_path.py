@@ -34,7 +34,7 @@ class ScaleByPathState(NamedTuple):
     count: the number of update calls so far (int32); schedules are evaluated at it.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def scale_by_path(
@@ -127,6 +127,8 @@ def scale_by_path(
         for value in matched[1:]:
           multiplier = multiplier * value
       new_leaves.append(_scale(u, multiplier))
-    return treedef.unflatten(new_leaves), ScaleByPathState(optax.safe_increment(state.count))
+    return jax.tree.unflatten(treedef, new_leaves), ScaleByPathState(
+      optax.safe_increment(state.count)
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

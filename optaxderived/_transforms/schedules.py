@@ -41,7 +41,8 @@ def piecewise_linear(points: Mapping[int, float], scale: float = 1.0) -> optax.S
   """
   if not isinstance(points, Mapping) or not points:
     raise ValueError(
-      f"od.piecewise_linear: points must be a non-empty {{step: multiplier}} mapping, got {points!r}"
+      "od.piecewise_linear: points must be a non-empty {step: multiplier} mapping, "
+      f"got {points!r}"
     )
   parsed = {}
   for step, value in points.items():
@@ -55,12 +56,12 @@ def piecewise_linear(points: Mapping[int, float], scale: float = 1.0) -> optax.S
       )
     if int(float(step)) in parsed:
       raise ValueError(f"od.piecewise_linear: points: the step {step!r} is given twice")
-    value = checks.concrete_scalar(value)
-    if value is None or not math.isfinite(value):
+    number = checks.concrete_scalar(value)
+    if number is None or not math.isfinite(number):
       raise ValueError(
         f"od.piecewise_linear: points: multipliers must be finite numbers, got {points[step]!r}"
       )
-    parsed[int(float(step))] = value
+    parsed[int(float(step))] = number
   checks.check_finite("od.piecewise_linear", "scale", scale)
   if callable(scale):
     raise ValueError(

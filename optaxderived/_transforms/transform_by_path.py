@@ -107,7 +107,7 @@ def transform_by_path(
   def labels_fn(tree):
     _, rules = rules_of(tree)
     labels = [DEFAULT_LABEL if r is None else _rule_label(r) for r in rules]
-    return jax.tree.structure(paths.tree_paths(tree)).unflatten(labels)
+    return jax.tree.unflatten(jax.tree.structure(paths.tree_paths(tree)), labels)
 
   partition = optax.partition(
     transforms, labels_fn, mask_compatible_extra_args=mask_compatible_extra_args

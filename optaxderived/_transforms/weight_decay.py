@@ -21,7 +21,7 @@ class WeightDecayState(NamedTuple):
       evaluated), int32.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def weight_decay(
