@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,8 +175,10 @@ def make_step(case: Case, tx: optax.GradientTransformation, grads_fn=grads_of):
   return step
 
 
-def make_run(case: Case, tx: optax.GradientTransformation, n: int):
-  """``n`` steps under ``jit(lax.scan)``."""
+def make_run(
+  case: Case, tx: optax.GradientTransformation, n: int, max_traces: int | None = None
+):
+  """``n`` steps under ``jit(lax.scan)`` (traced at most ``max_traces`` times, when given)."""
   step = make_step(case, tx)
 
   def run(params, state):
@@ -185,6 +188,9 @@ def make_run(case: Case, tx: optax.GradientTransformation, n: int):
 
     return jax.lax.scan(body, (params, state), None, length=n)[0]
 
+  if max_traces is not None:
+    chex.clear_trace_counter()
+    run = chex.assert_max_traces(run, n=max_traces)
   return jax.jit(run)
 
 
@@ -233,7 +239,8 @@ def test_dtypes_state_stability_and_no_recompilation(name, dtype):
   tx = case.make()
   params = make_params(case, dtype)
   state0 = tx.init(params)
-  step = jax.jit(make_step(case, tx))
+  chex.clear_trace_counter()  # it counts per function body, across the parametrised cases
+  step = jax.jit(chex.assert_max_traces(make_step(case, tx), n=1))  # compiled once
   p, s = params, state0
   for _ in range(3):
     p, s, updates = step(p, s)
@@ -243,7 +250,6 @@ def test_dtypes_state_stability_and_no_recompilation(name, dtype):
       assert new.dtype == old.dtype  # bf16 params stay bf16
     assert jax.tree.structure(s) == jax.tree.structure(state0)
     assert avals(s) == avals(state0)  # shapes, dtypes and weak types never change
-  assert step._cache_size() == 1  # compiled once for the three calls
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
 
   # lax.cond over steps (a skipped or conditional step); lax.scan: the sharding test.
@@ -412,11 +418,10 @@ def test_checkpoint_restore_continues_bit_identically(name, tmp_path):
   assert_equal_trees(restored["opt_state"], state3)
   assert_follows_params(restored["opt_state"], fresh_params)
 
-  run2 = make_run(case, tx2, 3)
+  run2 = make_run(case, tx2, 3, max_traces=1)  # the step's own outputs do not recompile it
   resumed = run2(restored["params"], restored["opt_state"])
   assert_equal_trees(resumed, uninterrupted)
   run2(*resumed)
-  assert run2._cache_size() == 1  # the step's own outputs do not recompile it
   # and it goes through lax.cond against a freshly initialised state
   pick = jax.jit(lambda pred, a, b: jax.lax.cond(pred, lambda: a, lambda: b))
   assert_equal_trees(pick(True, restored["opt_state"], fresh["opt_state"]), state3)
@@ -498,7 +503,10 @@ def test_apply_if_finite_skips_the_step_and_keeps_the_state(name):
   case = CASES[name]
   tx = optax.apply_if_finite(case.make(), max_consecutive_errors=5)
 
+  chex.clear_trace_counter()
+
   @jax.jit
+  @chex.assert_max_traces(n=1)  # the poisoned steps reuse the compiled one
   def step(params, state, value):  # the gradient with one entry set to `value`
     return make_step(case, tx, lambda p: _poison(grads_of(p), value))(params, state)
 
@@ -514,7 +522,6 @@ def test_apply_if_finite_skips_the_step_and_keeps_the_state(name):
     after_skip = step(new_params, new_state, 0.0)
     assert_equal_trees(after_skip[0], direct[0])
     assert_equal_trees(after_skip[1].inner_state, direct[1].inner_state)
-  assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("name", IDS)
