@@ -149,6 +149,7 @@ def derive(
             od.weight_decay(weight_decay, exclude=exclude_from_weight_decay),
             od.layer_adaptation(exclude=exclude_from_layer_adaptation),
             optax.scale_by_learning_rate(lambda t: learning_rate * multiplier(t)),
+                                                    # (its rate kept for od.learning_rate)
             od.scale_by_path(paramwise_lr),         # scales everything before it
           ),
           sync_period, slow_step_size,
@@ -162,13 +163,26 @@ def derive(
   dict, or ``lr_schedule`` itself for a schedule. With the defaults it is Adam with
   :math:`\epsilon = 10^{-6}`. Weight decay comes before layer adaptation, so the trust ratio
   :math:`\lVert\theta\rVert / \lVert u + \lambda\theta\rVert` includes the decay, as in LAMB.
+  :func:`learning_rate` reads the rate of the last real update from the state, for logging.
+
+  ``base`` is a *direction*: a transformation that applies a learning rate itself would apply
+  it twice. A base whose state shows a scheduled or injected learning rate
+  (``optax.adam(schedule)``, ``optax.inject_hyperparams(optax.sgd)(...)``) is refused; a
+  constant rate (``optax.adam(1e-3)``) leaves no trace in the state and cannot be detected:
+  pass ``optax.scale_by_adam()`` and the like.
+
+  Under ``optax.inject_hyperparams(od.derive)`` every numeric hyperparameter may be injected;
+  a learning-rate schedule that starts at 0 (a warmup) is valid.
 
   Args:
-    learning_rate: the base learning rate (or a schedule of it).
+    learning_rate: the base learning rate (>= 0, finite), or a schedule of it.
     base: the base direction, an optax transformation without learning rate (e.g.
       ``optax.scale_by_lion()``); default ``optax.scale_by_adam(eps=1e-6)``.
     weight_decay: decoupled weight decay rate (or schedule); 0 for none.
-    exclude_from_weight_decay: patterns of leaves not decayed (e.g. ``["bias", "Norm"]``).
+    exclude_from_weight_decay: patterns of leaves not decayed: regexes (``["bias", "Norm"]``)
+      or a predicate ``(path, leaf) -> bool``; ``lambda path, p: p.ndim < 2`` excludes every
+      vector (biases, norm scales) whatever the model names them (Flax NNX calls a LayerNorm
+      after its attribute, e.g. ``ln1``).
     layer_adaptation: rescale each leaf's update to the norm of its parameter.
     exclude_from_layer_adaptation: patterns of leaves left out of layer adaptation.
     lr_schedule: ``{step: multiplier}`` (see :func:`piecewise_linear`) or a schedule of
@@ -183,6 +197,9 @@ def derive(
       :func:`ema_params`.
     bias_correction: whether the default Adam base bias-corrects its moments (the author's
       BERT recipe turns it off); only with the default ``base``.
+    strict: raise ``ValueError`` at ``init`` instead of warning when a pattern of
+      ``exclude_from_weight_decay``, ``exclude_from_layer_adaptation``, ``lazy`` or
+      ``paramwise_lr`` matches no leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` when weight
@@ -207,6 +224,10 @@ def derive(
     >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)},
     ...           "Norm": {"scale": jnp.ones(2)}}
     >>> state = tx.init(params)
+    >>> for _ in range(16):  # one real update
+    ...   _, state = tx.update(params, state, params)
+    >>> bool(od.has_updated(state)), float(od.learning_rate(state))  # warmup: starts at 0
+    (True, 0.0)
   """
   checks.check_finite(FN, "learning_rate", learning_rate, low=0.0)
   checks.check_int(FN, "grad_accum_steps", grad_accum_steps)
