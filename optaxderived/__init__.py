@@ -6,9 +6,9 @@ submodules hold the rest: ``od.ode`` (optimizers as ODE integrators), ``od.spars
 (row-sparse gradients) and ``od.regularizers`` (loss-side helpers).
 """
 
-from optaxderived import ode
-from optaxderived import regularizers
-from optaxderived import sparse
+from optaxderived import ode as ode
+from optaxderived import regularizers as regularizers
+from optaxderived import sparse as sparse
 
 # Paths: how leaves are named and selected by patterns.
 from optaxderived._core.paths import Patterns
@@ -51,12 +51,12 @@ from optaxderived._transforms.learning_rate import learning_rate
 from optaxderived._transforms.derive import derive
 
 # Exponentiated gradient.
-from optaxderived._transforms.exponentiated import EGPlusMinusState
-from optaxderived._transforms.exponentiated import EGStepSizeState
-from optaxderived._transforms.exponentiated import ExponentiatedGradientState
-from optaxderived._transforms.exponentiated import eg_plus_minus
-from optaxderived._transforms.exponentiated import eg_step_size
-from optaxderived._transforms.exponentiated import exponentiated_gradient
+from optaxderived._transforms.exponentiated_gradient import ExponentiatedGradientState
+from optaxderived._transforms.exponentiated_gradient import exponentiated_gradient
+from optaxderived._transforms.eg_plus_minus import EGPlusMinusState
+from optaxderived._transforms.eg_plus_minus import eg_plus_minus
+from optaxderived._transforms.eg_step_size import EGStepSizeState
+from optaxderived._transforms.eg_step_size import eg_step_size
 
 __version__ = "0.2.0"
 

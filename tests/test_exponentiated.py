@@ -1,7 +1,8 @@
 """Exponentiated gradient: EG, normalised EG, EG± and EG step-size adaptation.
 
-References are NumPy float64 loops written from the formulas, and the worked examples of the
-spec (§14, §15.1 and the §15 pitfall).
+References are NumPy float64 loops written from the formulas, worked examples computed by
+hand, the step-size trajectory of the per-coordinate rule on a quadratic and the pitfall of
+the unnormalised rule.
 """
 
 import math
@@ -127,7 +128,7 @@ def np_eg_step_size(
 # exponentiated_gradient.
 
 
-def test_eg_spec_worked_examples():
+def test_eg_worked_examples():
   tx = od.exponentiated_gradient(0.1)
   theta = jnp.array([0.5, 2.0])
   u, _ = tx.update(jnp.array([1.0, -1.0]), tx.init(theta), theta)
@@ -374,7 +375,7 @@ def test_eg_learns_mixture_weights():
 # eg_plus_minus.
 
 
-def test_eg_plus_minus_spec_worked_examples():
+def test_eg_plus_minus_worked_examples():
   tx = od.eg_plus_minus(0.1, init_scale=1.0)
   params = jnp.zeros(2)
   g = jnp.array([0.5, -0.5])
@@ -524,8 +525,8 @@ def test_eg_plus_minus_fits_a_sparse_linear_model():
 # eg_step_size.
 
 
-def test_eg_step_size_reproduces_the_spec_trajectory():
-  """§15.1: L = ½(θ₁² + 15θ₂²), θ₀ = [1, 0.1], η = 0.1, γ = 1 (γ/η = 10 here)."""
+def test_eg_step_size_reproduces_the_reference_trajectory():
+  """L = ½(θ₁² + 15θ₂²), θ₀ = [1, 0.1], η = 0.1, γ = 1 (γ/η = 10 here)."""
   tx = od.eg_step_size(
     optax.sgd(0.1),
     10.0,
@@ -565,7 +566,7 @@ def run_quadratic(tx, theta0, curvature, steps):
 
 
 def test_eg_step_size_pitfall_reference_dies_and_safeguards_rescue():
-  """§15: curvature 25, θ = 1, η = 0.1: the first product is −937.5."""
+  """Curvature 25, θ = 1, η = 0.1: the first product is −937.5."""
   curvature, theta0 = jnp.array([25.0]), jnp.array([1.0])
   # Without clipping and bounds the gain underflows to 0 and stays there: training stops.
   raw = od.eg_step_size(

@@ -1,6 +1,6 @@
 """Gradient penalties (exact and Rademacher) and virtual adversarial training.
 
-References: the spec's worked example (§17: f(x) = [2x, 3x] gives 13), Jacobians written out
+References: a worked example (f(x) = [2x, 3x] gives 2² + 3² = 13), Jacobians written out
 in NumPy float64 from the formulas, and power iteration / eigenvectors in NumPy.
 """
 
@@ -39,7 +39,7 @@ def f32(a):
 # ---------------------------------------------------------------- gradient penalty (exact)
 
 
-def test_spec_worked_example_exact():
+def test_worked_example_exact():
   f = lambda x: jnp.stack([2.0 * x, 3.0 * x])  # noqa: E731
   assert float(od.regularizers.gradient_penalty(f, jnp.float32(0.7))) == pytest.approx(13.0)
   assert float(
@@ -134,7 +134,7 @@ def test_linear_maps_property(m, lam, seed):
 # ----------------------------------------------------- gradient penalty (Rademacher estimate)
 
 
-def test_spec_worked_example_rademacher():
+def test_worked_example_rademacher():
   f = lambda x: jnp.stack([2.0 * x, 3.0 * x])  # noqa: E731
   draws = {
     float(od.regularizers.rademacher_gradient_penalty(f, jnp.float32(0.7), jax.random.key(s)))

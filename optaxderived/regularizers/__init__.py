@@ -4,10 +4,10 @@ Gradient penalties (exact, and the Rademacher estimate with one backward pass pe
 virtual adversarial training (the perturbation and its loss).
 """
 
-from optaxderived.regularizers._regularizers import gradient_penalty
-from optaxderived.regularizers._regularizers import rademacher_gradient_penalty
-from optaxderived.regularizers._regularizers import vat_loss
-from optaxderived.regularizers._regularizers import vat_perturbation
+from optaxderived.regularizers._gradient_penalty import gradient_penalty
+from optaxderived.regularizers._gradient_penalty import rademacher_gradient_penalty
+from optaxderived.regularizers._vat import vat_loss
+from optaxderived.regularizers._vat import vat_perturbation
 
 __all__ = (
   "gradient_penalty",
