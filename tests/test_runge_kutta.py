@@ -1,4 +1,5 @@
-"""ODE steppers: od.ode.runge_kutta and friends against diffrax, NumPy float64 and the spec."""
+"""ODE steppers: od.ode.runge_kutta and friends against diffrax, SciPy, NumPy float64 and a
+worked example."""
 
 import functools
 import math
@@ -33,7 +34,7 @@ TABLEAUS = {
   "dopri5": od.ode.DOPRI5,
 }
 # diffrax's Dopri5 embeds another 4th-order solution (b̂ = [1951/21600, ..., 1/60]) than
-# Hairer's DOPRI5 and SciPy's RK45 (b̂ = [5179/57600, ..., 1/40], the spec's): its error
+# Hairer's DOPRI5 and SciPy's RK45 (b̂ = [5179/57600, ..., 1/40], ours): its error
 # estimate is exactly 2/3 of ours.
 DIFFRAX_ERROR_SCALE = {"dopri5": 1.5}
 DIFFRAX = {
@@ -108,7 +109,7 @@ def test_tableaus_equal_diffrax(name):
 
 
 def test_embedded_pairs_equal_scipy():
-  """The spec's (Hairer's and SciPy's) embedded solutions: SciPy stores E = b̂ − b."""
+  """Hairer's and SciPy's embedded solutions: SciPy stores E = b̂ − b."""
   np.testing.assert_allclose(od.ode.BOSH3.b_error, -RK23.E, rtol=1e-14)
   np.testing.assert_allclose(od.ode.DOPRI5.b_error, -RK45.E, rtol=1e-14, atol=1e-17)
   for i, row in enumerate(od.ode.DOPRI5.a[:-1]):
@@ -180,7 +181,7 @@ def test_one_step_equals_diffrax(name, x64):
   if y_error is None:
     assert np.isnan(info.error)
     return
-  # The spec's scaled RMS error from diffrax's error estimate, in NumPy.
+  # Our scaled RMS error from diffrax's error estimate, in NumPy.
   y0, y1, y_error = to_numpy(params), to_numpy(y1), to_numpy(y_error)
   ratios = [y_error[k] / (atol + rtol * np.maximum(np.abs(y0[k]), np.abs(y1[k]))) for k in y0]
   expected = np.sqrt(np.mean(np.concatenate([r.ravel() for r in ratios]) ** 2))
@@ -220,26 +221,26 @@ def test_one_step_rk4_equals_numpy_float64(x64):
     ("dopri5", 0.90483741833),
   ],
 )
-def test_spec_worked_example(name, expected, x64):
-  """L = θ²/2, θ₀ = 1, h = 0.1 (spec §12): values as printed, to their last digit."""
+def test_worked_example(name, expected, x64):
+  """L = θ²/2, θ₀ = 1, h = 0.1: values as printed, to their last digit."""
   digits = len(str(expected).split(".")[1])
   stepper = od.ode.runge_kutta(TABLEAUS[name], 0.1, rtol=0.0, atol=1.0)
   theta, _, info = stepper.step(lambda p: 0.5 * p**2, jnp.float64(1.0), stepper.init(1.0))
   assert abs(float(theta) - expected) <= 0.5 * 10.0**-digits
-  # With atol = 1, rtol = 0 the error is |θ₁ − θ̂₁|: the embedded estimates of the spec.
-  spec_error = {"heun": 5.0e-3, "midpoint": 5.0e-3, "bosh3": 1.875e-5, "dopri5": 8.4e-9}
-  if name in spec_error:
-    np.testing.assert_allclose(info.error, spec_error[name], rtol=0.01)
+  # With atol = 1, rtol = 0 the error is |θ₁ − θ̂₁|: the embedded estimates.
+  expected_error = {"heun": 5.0e-3, "midpoint": 5.0e-3, "bosh3": 1.875e-5, "dopri5": 8.4e-9}
+  if name in expected_error:
+    np.testing.assert_allclose(info.error, expected_error[name], rtol=0.01)
 
 
 @pytest.mark.parametrize("controller, expected", [("i", 0.1981), ("pi", 0.1277)])
-def test_spec_worked_example_controller(controller, expected, x64):
+def test_worked_example_controller(controller, expected, x64):
   stepper = od.ode.rk23(0.1, rtol=1e-4, atol=1e-4, controller=controller)
   _, state, info = stepper.step(lambda p: 0.5 * p**2, jnp.float64(1.0), stepper.init(1.0))
   np.testing.assert_allclose(info.error, 0.09375, rtol=1e-4)
   assert bool(info.accepted) and float(info.step_size) == 0.1
   np.testing.assert_allclose(state.step_size, expected, atol=5e-5)
-  # Independently, from the formulas of the spec.
+  # Independently, from the controller's formulas.
   if controller == "i":
     factor = 0.9 * 0.09375 ** (-1 / 3)
   else:
@@ -450,7 +451,7 @@ def test_i_controller_equals_diffrax_pid(name, h, accept, x64):
   new_params, state, info = stepper.step(loss_fn, params, stepper.init(params))
   assert bool(info.accepted) == bool(keep) == accept
   factor = float(t1 - t0) / h
-  # Where diffrax and the spec agree: growth when accepted, shrinking when rejected.
+  # Where diffrax and ours agree: growth when accepted, shrinking when rejected.
   assert (1.0 < factor < 10.0) if keep else (0.2 < factor < 0.9)
   np.testing.assert_allclose(state.step_size, t1 - t0, rtol=1e-10)
   expected_params = y1 if keep else params

@@ -7,27 +7,29 @@ estimate and a step-size controller make the learning rate adaptive.
 Use as ``import optaxderived as od`` then ``od.ode.heun(0.1)``, ``od.ode.RK4``, ...
 """
 
-from optaxderived.ode._runge_kutta import BOSH3
-from optaxderived.ode._runge_kutta import DOPRI5
-from optaxderived.ode._runge_kutta import EULER
-from optaxderived.ode._runge_kutta import HEUN
-from optaxderived.ode._runge_kutta import MIDPOINT
-from optaxderived.ode._runge_kutta import RALSTON
-from optaxderived.ode._runge_kutta import RK4
-from optaxderived.ode._runge_kutta import ButcherTableau
-from optaxderived.ode._runge_kutta import StepInfo
-from optaxderived.ode._runge_kutta import Stepper
-from optaxderived.ode._runge_kutta import StepperState
-from optaxderived.ode._runge_kutta import apply_gradients
-from optaxderived.ode._runge_kutta import as_transformation
-from optaxderived.ode._runge_kutta import euler
-from optaxderived.ode._runge_kutta import heun
-from optaxderived.ode._runge_kutta import midpoint
-from optaxderived.ode._runge_kutta import ralston
-from optaxderived.ode._runge_kutta import rk4
-from optaxderived.ode._runge_kutta import rk23
-from optaxderived.ode._runge_kutta import rk45
-from optaxderived.ode._runge_kutta import runge_kutta
+from __future__ import annotations
+
+from optaxderived.ode._flax import apply_gradients
+from optaxderived.ode._stepper import StepInfo
+from optaxderived.ode._stepper import Stepper
+from optaxderived.ode._stepper import StepperState
+from optaxderived.ode._stepper import euler
+from optaxderived.ode._stepper import heun
+from optaxderived.ode._stepper import midpoint
+from optaxderived.ode._stepper import ralston
+from optaxderived.ode._stepper import rk4
+from optaxderived.ode._stepper import rk23
+from optaxderived.ode._stepper import rk45
+from optaxderived.ode._stepper import runge_kutta
+from optaxderived.ode._tableaus import BOSH3
+from optaxderived.ode._tableaus import DOPRI5
+from optaxderived.ode._tableaus import EULER
+from optaxderived.ode._tableaus import HEUN
+from optaxderived.ode._tableaus import MIDPOINT
+from optaxderived.ode._tableaus import RALSTON
+from optaxderived.ode._tableaus import RK4
+from optaxderived.ode._tableaus import ButcherTableau
+from optaxderived.ode._transformation import as_transformation
 
 __all__ = (
   # Tableaus (data).
