@@ -3,25 +3,26 @@
 With momentum or Adam, the embedding rows of tokens that are absent from a batch keep moving
 on stale moments, so rare tokens are over-updated. :func:`lazy` updates a row only when the
 gradient touches it, either from a dense gradient (a row is touched when any of its entries
-is non-zero) or from a :class:`RowSparse` gradient (the touched rows are named explicitly,
-and the step costs what the touched rows cost, not what the table costs).
+is non-zero: the row-mask path, here) or from a :class:`~optaxderived.sparse.RowSparse`
+gradient (the touched rows are named explicitly, and the step costs what the touched rows
+cost, not what the table costs: the row-sparse path, in ``lazy_rows``).
 """
+
+from __future__ import annotations
 
 import dataclasses
 from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import optax
 
 from optaxderived._core import checks
 from optaxderived._core import paths
 from optaxderived._core import state as state_lib
-from optaxderived.sparse._row_sparse import RowSparse
-from optaxderived.sparse._row_sparse import canonical_indices
-from optaxderived.sparse._row_sparse import check_row_sparse
+from optaxderived._transforms import lazy_rows
+from optaxderived._transforms.lazy_rows import expand_mask
 from optaxderived.sparse._row_sparse import is_row_sparse
 
 
@@ -40,39 +41,6 @@ class LazyState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _dedupe(indices: jax.Array, values: jax.Array, num_rows: int):
-  """Sums duplicate rows: ``(unique_indices, summed_values)``, both of length ``n``.
-
-  The unique valid indices come first, in increasing order; the remaining slots (and every
-  padding index) hold ``num_rows``, which the scatters drop; padding values are zeroed.
-  Low-precision values are summed in float32. Sorting the keys alone and finding each
-  entry's slot by binary search is several times faster on CPU than an argsort.
-  """
-  n = indices.shape[0]
-  indices = canonical_indices(indices, num_rows)
-  keys = jnp.sort(indices)
-  first = jnp.ones((n,), bool).at[1:].set(keys[1:] != keys[:-1])  # n = 0 works too
-  unique = jnp.full((n,), num_rows, indices.dtype).at[jnp.cumsum(first) - 1].set(keys)
-  slot = jnp.searchsorted(unique, indices, side="left", method="scan_unrolled")
-  acc_dtype = jnp.promote_types(values.dtype, jnp.float32)
-  summed = jax.ops.segment_sum(values.astype(acc_dtype), slot, num_segments=n)
-  summed = jnp.where(_broadcast_mask(unique < num_rows, summed), summed, 0)  # padding: 0
-  return unique, summed.astype(values.dtype)
-
-
-def _gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
-  """Rows of ``table`` at sorted ``rows``; an out-of-range row (padding) reads the last row,
-  whose result the scatter drops (clamping is cheaper than a filled gather)."""
-  if table.shape[0] == 0:  # every index is padding
-    return jnp.zeros((rows.shape[0], *table.shape[1:]), table.dtype)
-  rows = jnp.minimum(rows, table.shape[0] - 1)
-  return table.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)
-
-
-def _scatter_rows(table: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
-  return table.at[rows].set(values.astype(table.dtype), mode="drop", indices_are_sorted=True)
-
-
 def _row_mask(g: jax.Array) -> jax.Array:
   """Touched rows of a dense gradient: per row of axis 0, or the whole leaf for ndim <= 1.
 
@@ -86,146 +54,104 @@ def _row_mask(g: jax.Array) -> jax.Array:
   return jnp.sum(jnp.abs(g), axis=axes) != 0
 
 
-def _broadcast_mask(mask: jax.Array, x: jax.Array) -> jax.Array:
-  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Plan:
-  """What :func:`lazy` does with one leaf (a plain object, so a pytree leaf).
+class _DensePlan:
+  """What :func:`lazy` does with a dense leaf (a plain object, so a pytree leaf): mask its
+  rows (``mask``: bool ``[rows]`` or a scalar) or pass it through (``mask=None``).
 
-  kind: ``"plain"`` (passed through), ``"masked"`` (dense row mask) or ``"sparse"``.
+  ``update`` and ``param`` are what the inner optimizer sees; ``lazy_rows.RowsPlan`` has
+  the same methods for a ``RowSparse`` leaf.
   """
 
-  kind: str
   path: str
   shape: tuple[int, ...]
-  mask: Any = None  # "masked": bool [rows] or scalar
-  rows: Any = None  # "sparse": the unique rows [n] (num_rows in unused slots)
+  update: Any = None
+  param: Any = None
+  mask: Any = None
+  freeze: bool = False  # keep the inner state of the untouched rows
+
+  @property
+  def merges_state(self) -> bool:
+    return self.mask is not None and self.freeze
+
+  def gather(self, s: Any) -> Any:
+    return s
+
+  def output(self, u: Any) -> Any:
+    if self.mask is None:
+      return u
+    return jnp.where(expand_mask(self.mask, u), u, jnp.zeros_like(u))
+
+  def touched(self) -> jax.Array | None:
+    return None if self.mask is None else jnp.sum(self.mask, dtype=jnp.int32)
+
+  def merge(self, new: Any, old: Any) -> Any:
+    if self.merges_state:
+      return jnp.where(expand_mask(self.mask, new), new, old)
+    return new
 
 
-_NOT_PARAM = _Plan("plain", "", ())
+_NOT_PARAM = _DensePlan("", ())  # a state leaf that mirrors no param: taken as it is
 
 
-def _state_plans(inner, state, plan_tree, why: str) -> Any:
-  """A tree with the structure of ``state``: each leaf that mirrors a param gets the
+def _leaf_plans(fn: str, updates, params, included, freeze_state) -> tuple[list[Any], Any]:
+  """The plan of each leaf of ``updates`` (a ``RowSparse`` is one leaf) and the treedef."""
+  leaves, structure = jax.tree.flatten(updates, is_leaf=is_row_sparse)
+  treedef: Any = structure  # jaxlib's PyTreeDef has no stub mypy can read
+  leaf_paths = jax.tree.leaves(paths.tree_paths(treedef.unflatten(list(range(len(leaves))))))
+  if any(is_row_sparse(g) for g in leaves):
+    checks.require_params(params, f"{fn}: a RowSparse update")
+  if params is None:
+    param_leaves = [None] * len(leaves)
+  else:
+    try:
+      param_leaves = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{fn}: the params tree does not match the updates tree: {e}") from e
+  plans: list[Any] = []
+  for g, p, path in zip(leaves, param_leaves, leaf_paths, strict=True):
+    if is_row_sparse(g):  # always row-sparse, whatever include says
+      plans.append(lazy_rows.RowsPlan.make(fn, g, p, path))
+      continue
+    g = jnp.asarray(g)
+    chosen = included is None or included.matches(path, g)
+    mask = _row_mask(g) if chosen else None
+    plans.append(_DensePlan(path, g.shape, g, p, mask, freeze_state))
+  return plans, treedef
+
+
+def _state_plans(fn: str, inner, inner_state, plans, why: str) -> Any:
+  """A tree with the structure of ``inner_state``: each leaf that mirrors a param gets the
   param's plan (found as ``optax.tree_map_params`` finds them), every other leaf
-  ``_NOT_PARAM``."""
+  ``_NOT_PARAM``. A leaf merged row by row must be shaped like its param."""
   try:
     # A MaskedNode (the state of a leaf that optax.masked / partition leaves out) is a
     # whole subtree with no leaves: it gets _NOT_PARAM as a unit.
-    return optax.tree_map_params(
+    state_plans = optax.tree_map_params(
       inner,
       lambda s, plan: _NOT_PARAM if isinstance(s, optax.MaskedNode) else plan,
-      state,
-      plan_tree,
+      inner_state,
+      plans,
       transform_non_params=lambda _: _NOT_PARAM,
       is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
   except Exception as e:  # the inner init could not run on optax's params placeholder
     raise ValueError(
-      f"od.lazy: {why} needs the parts of the inner state that mirror the params, found "
+      f"{fn}: {why} needs the parts of the inner state that mirror the params, found "
       "with optax.tree_map_params, which failed on this inner optimizer "
       f"({type(e).__name__}: {e})"
     ) from e
 
+  def check_shape(plan, s):
+    if plan.merges_state and jnp.shape(s) != plan.shape:
+      raise ValueError(
+        f"{fn}: {why} needs inner state leaves shaped like their params, but the "
+        f"state of {plan.path} has shape {list(jnp.shape(s))} for a param of shape "
+        f"{list(plan.shape)} (the inner optimizer is not elementwise)"
+      )
 
-# Primitives whose every output element depends only on the same element of each input
-# (scalars broadcast): an inner update built from these alone is elementwise.
-_ELEMENTWISE = frozenset(
-  """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp clz complex
-  conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2
-  expm1 floor ge gt igamma igammac imag integer_pow is_finite le lgamma log log1p logistic
-  lt max mesh_cast min mul ne neg nextafter not or polygamma population_count pow real
-  reduce_precision rem reshard round rsqrt select_n sharding_constraint shift_left
-  shift_right_arithmetic shift_right_logical sign sin sinh sqrt square sub tan tanh xor
-  zeta""".split()
-)
-# Same shape in and out when the operand is a row value.
-_SAME_SHAPE_OK = frozenset({"broadcast_in_dim", "reshape"})
-
-
-def _is_var(v: Any) -> bool:
-  return isinstance(v, jex.core.Var)
-
-
-def _sub_jaxprs(params: dict) -> list[Any]:
-  found = []
-  for value in params.values():
-    for v in value if isinstance(value, tuple | list) else (value,):
-      if isinstance(v, jex.core.ClosedJaxpr):
-        found.append(v.jaxpr)
-      elif isinstance(v, jex.core.Jaxpr):
-        found.append(v)
-  return found
-
-
-def _row_flow(jaxpr: Any, in_rows: list[bool]) -> tuple[list[bool], str | None]:
-  """Propagates "derived from a touched-rows input" through ``jaxpr``.
-
-  Returns the row flags of the outputs and the name of the first primitive that mixes row
-  values across elements (a reduction, a reshape, a contraction, ...), or None.
-  """
-  rows = {v for v, r in zip(jaxpr.invars, in_rows, strict=True) if r}
-  is_row = lambda v: _is_var(v) and v in rows
-  for eqn in jaxpr.eqns:
-    flags = [is_row(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if not any(flags):
-      continue
-    out_flags: list[bool]
-    if name in _ELEMENTWISE:
-      out_flags = [True] * len(eqn.outvars)
-    elif name in _SAME_SHAPE_OK:
-      if eqn.invars[0].aval.shape != eqn.outvars[0].aval.shape:
-        return [], name
-      out_flags = [True]
-    elif name == "optimization_barrier":
-      out_flags = flags
-    elif name == "cond":
-      if flags[0]:
-        return [], name
-      out_flags = [False] * len(eqn.outvars)
-      for branch in eqn.params["branches"]:
-        branch_flags, bad = _row_flow(branch.jaxpr, flags[1:])
-        if bad:
-          return [], bad
-        out_flags = [a or b for a, b in zip(out_flags, branch_flags, strict=True)]
-    else:
-      subs = [
-        j
-        for j in _sub_jaxprs(eqn.params)
-        if len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars)
-      ]
-      if name in ("while", "scan") or not subs:
-        return [], name
-      out_flags, bad = _row_flow(subs[0], flags)
-      if bad:
-        return [], bad
-    rows.update(v for v, r in zip(eqn.outvars, out_flags, strict=True) if r and _is_var(v))
-  return [is_row(v) for v in jaxpr.outvars], None
-
-
-def _check_elementwise(inner, args: tuple, row_args: tuple, extra: dict) -> None:
-  """Raises ValueError when ``inner.update`` is not elementwise on the gathered rows."""
-  leaves, treedef = jax.tree.flatten(args)
-  row_flags = jax.tree.leaves(row_args)
-  if len(row_flags) != len(leaves):
-    raise AssertionError("od.lazy: internal error, row flags do not match the arguments")
-
-  def update(*flat):
-    return inner.update(*jax.tree.unflatten(treedef, flat), **extra)
-
-  closed = jax.make_jaxpr(update)(*leaves)
-  _, bad = _row_flow(closed.jaxpr, [bool(f) for f in row_flags])
-  if bad is not None:
-    raise ValueError(
-      "od.lazy: RowSparse leaves need an elementwise inner optimizer (sgd, momentum, "
-      "rmsprop, adagrad, adam, adamw, lion, ...), but this inner update applies "
-      f"`{bad}` to values of the touched rows (a global norm, a trust ratio, a factored "
-      "moment, ...), which would need the whole table. Pass a dense gradient for these "
-      "leaves to use the row-masked path, or an elementwise inner optimizer."
-    )
+  jax.tree.map(check_shape, state_plans, inner_state)
+  return state_plans
 
 
 def lazy(
@@ -253,33 +179,38 @@ def lazy(
   mirrors the params (found as ``optax.tree_map_params`` finds them; TF ``LazyAdam``
   semantics). Either way the inner step count (Adam's bias correction) is global.
 
-  **Row-sparse gradients.** A :class:`RowSparse` leaf of ``updates`` names its rows
-  explicitly (duplicates summed, out-of-range indices are padding). Its rows of the params
-  and of the inner state are gathered, the inner optimizer runs on them alone and the new
-  state rows are scattered back; the update comes out as a ``RowSparse`` on the unique rows,
-  for :func:`apply_updates`. The step costs :math:`O(n \log n)` in the ``n`` given rows, not
-  :math:`O(\text{rows})`, and untouched rows keep their state whatever ``freeze_state`` says
-  (a row given with an all-zero value counts as touched). It needs ``params`` and an
-  elementwise inner optimizer (sgd, momentum, rmsprop, adagrad, adam, adamw, lion, ...): an
-  inner update that reduces over the rows (global norms, trust ratios, factored moments)
-  raises ``ValueError`` when traced. On the rows it touches, the sparse path equals the
-  dense path with ``freeze_state=True`` on the equivalent dense gradient, except for 1-D
-  tables: the sparse path takes each index of a 1-D table as a row of its own (a per-item
-  bias), where the dense path masks a 1-D leaf as a whole. Inner wrappers that accumulate
-  across calls (``optax.MultiSteps``, ``optax.apply_every``, ``od.accumulate``) raise
-  ``ValueError``: accumulate outside, ``od.accumulate(od.lazy(...), k)``.
+  **Row-sparse gradients.** A :class:`~optaxderived.sparse.RowSparse` leaf of ``updates``
+  names its rows explicitly (duplicates summed, out-of-range indices are padding). Its rows
+  of the params and of the inner state are gathered, the inner optimizer runs on them alone
+  and the new state rows are scattered back; the update comes out as a ``RowSparse`` on the
+  unique rows, for :func:`optaxderived.sparse.apply_updates`. The step costs
+  :math:`O(n \log n)` in the ``n`` given rows, not :math:`O(\text{rows})`, and untouched rows
+  keep their state whatever ``freeze_state`` says (a row given with an all-zero value counts
+  as touched). It needs ``params`` and an elementwise inner optimizer (sgd, momentum,
+  rmsprop, adagrad, adam, adamw, lion, ...): an inner update that reduces over the rows
+  (global norms, trust ratios, factored moments), or that applies a JAX primitive
+  :func:`lazy` does not know, raises ``ValueError`` when traced. On the rows it touches, the
+  sparse path equals the dense path with ``freeze_state=True`` on the equivalent dense
+  gradient, except for 1-D tables: the sparse path takes each index of a 1-D table as a row
+  of its own (a per-item bias), where the dense path masks a 1-D leaf as a whole. Inner
+  wrappers that accumulate across calls (``optax.MultiSteps``, ``optax.apply_every``,
+  ``od.accumulate``) raise ``ValueError``: accumulate outside,
+  ``od.accumulate(od.lazy(...), k)``.
 
   Args:
     inner: the optimizer to make lazy.
-    include: patterns over leaf paths (see :func:`optaxderived.path_mask`) choosing the
-      dense leaves to mask; ``None`` masks every leaf. ``RowSparse`` leaves are always
-      row-sparse.
+    include: the dense leaves to mask: a regex over leaf paths, a sequence of regexes or
+      a predicate ``(path, leaf) -> bool`` (see :func:`optaxderived.path_mask`); ``None``
+      masks every leaf, an empty sequence none. ``RowSparse`` leaves are always row-sparse.
     freeze_state: also keep the inner state of untouched rows of dense leaves.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`LazyState`.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaxderived as od
     >>> params = {"embed": jnp.ones((3, 2))}
     >>> tx = od.lazy(optax.sgd(0.5, momentum=0.5))
     >>> state = tx.init(params)
@@ -307,8 +238,8 @@ def lazy(
   Differences from the references: bert4keras masks the parameter change only (our
   default), TF ``LazyAdam`` and PyTorch ``SparseAdam`` freeze the moments too (our
   ``freeze_state=True``) but need sparse gradient types; here one wrapper covers both,
-  around any optax optimizer, on dense gradients or on :class:`RowSparse` ones. No
-  skipped-step compensation (:math:`\beta^n` decay on the next touch) is applied.
+  around any optax optimizer, on dense gradients or on row-sparse ones. No skipped-step
+  compensation (:math:`\beta^n` decay on the next touch) is applied.
   """
   fn = "od.lazy"
   checks.check_transformation(fn, "inner", inner)
@@ -336,109 +267,27 @@ def lazy(
     return LazyState(touched_rows=jnp.zeros([], jnp.int32), inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=is_row_sparse)
-    leaf_paths = jax.tree.leaves(paths.tree_paths(treedef.unflatten(list(range(len(leaves))))))
-    any_sparse = any(is_row_sparse(g) for g in leaves)
-    if any_sparse:
-      checks.require_params(params, "od.lazy with RowSparse updates")
-    if params is not None:
-      try:
-        param_leaves = treedef.flatten_up_to(params)
-      except (ValueError, TypeError) as e:
-        raise ValueError(
-          f"od.lazy: the params tree does not match the updates tree: {e}"
-        ) from e
-    else:
-      param_leaves = [None] * len(leaves)
-    if included is None:
-      selected = [True] * len(leaves)
-    else:  # matched on the paths (a RowSparse leaf is one leaf here)
-      selected = [
-        included.matches(path, leaf) for path, leaf in zip(leaf_paths, leaves, strict=True)
-      ]
-
-    plans, inner_updates, inner_params = [], [], []
-    for g, p, path, chosen in zip(leaves, param_leaves, leaf_paths, selected, strict=True):
-      if is_row_sparse(g):
-        check_row_sparse(g, p, f"od.lazy ({path})")
-        p = jnp.asarray(p)
-        rows, values = _dedupe(jnp.asarray(g.indices), jnp.asarray(g.values), p.shape[0])
-        plans.append(_Plan("sparse", path, p.shape, rows=rows))
-        inner_updates.append(values)
-        inner_params.append(_gather_rows(p, rows))
-      else:
-        g = jnp.asarray(g)
-        if chosen:
-          plans.append(_Plan("masked", path, g.shape, mask=_row_mask(g)))
-        else:
-          plans.append(_Plan("plain", path, g.shape))
-        inner_updates.append(g)
-        inner_params.append(p)
-    inner_updates = treedef.unflatten(inner_updates)
-    inner_params = None if params is None else treedef.unflatten(inner_params)
-    any_masked = any(plan.kind == "masked" for plan in plans)
-
-    inner_state = state.inner_state
-    state_plans = None
-    if any_sparse or (freeze_state and any_masked):
-      why = "a RowSparse gradient" if any_sparse else "freeze_state=True"
-      state_plans = _state_plans(inner, inner_state, treedef.unflatten(plans), why)
-
-      def check_shape(plan, s):
-        # only state merged row by row must be shaped like its param
-        needed = plan.kind == "sparse" or (plan.kind == "masked" and freeze_state)
-        if needed and jnp.shape(s) != plan.shape:
-          raise ValueError(
-            f"od.lazy: {why} needs inner state leaves shaped like their params, but the "
-            f"state of {plan.path} has shape {list(jnp.shape(s))} for a param of shape "
-            f"{list(plan.shape)} (the inner optimizer is not elementwise)"
-          )
-
-      jax.tree.map(check_shape, state_plans, inner_state)
-
-    if any_sparse:
-      gather = lambda plan, s: _gather_rows(s, plan.rows) if plan.kind == "sparse" else s
-      inner_state = jax.tree.map(gather, state_plans, inner_state)
-      row_updates = treedef.unflatten([plan.kind == "sparse" for plan in plans])
-      row_state = jax.tree.map(  # the flags mirror the state's leaves (none in a MaskedNode)
-        lambda plan, s: jax.tree.map(lambda _: plan.kind == "sparse", s),
-        state_plans,
-        inner_state,
-      )
-      _check_elementwise(
-        inner,
-        (inner_updates, inner_state, inner_params),
-        (row_updates, row_state, row_updates),
-        extra_args,
-      )
-
+    plans, treedef = _leaf_plans(fn, updates, params, included, freeze_state)
+    plan_tree = treedef.unflatten(plans)
+    rows = any(isinstance(plan, lazy_rows.RowsPlan) for plan in plans)
+    inner_updates = treedef.unflatten([plan.update for plan in plans])
+    inner_params = None if params is None else treedef.unflatten([plan.param for plan in plans])
+    inner_state, state_plans = state.inner_state, None
+    if any(plan.merges_state for plan in plans):  # row-sparse leaves, or freeze_state
+      why = "a RowSparse gradient" if rows else "freeze_state=True"
+      state_plans = _state_plans(fn, inner, inner_state, plan_tree, why)
+    if rows:
+      args = (inner_updates, inner_state, inner_params)
+      inner_state = lazy_rows.gather_state(fn, inner, plan_tree, state_plans, args, extra_args)
     new_updates, new_inner_state = inner.update(
       inner_updates, inner_state, inner_params, **extra_args
     )
-
-    out, touched = [], jnp.zeros([], jnp.int32)
-    for plan, u in zip(plans, treedef.flatten_up_to(new_updates), strict=True):
-      if plan.kind == "sparse":
-        u = jnp.asarray(u)  # the inner's dtype, as on the dense path
-        valid = _broadcast_mask(plan.rows < plan.shape[0], u)
-        out.append(RowSparse(plan.rows, jnp.where(valid, u, jnp.zeros_like(u))))
-        touched += jnp.sum(plan.rows < plan.shape[0], dtype=jnp.int32)
-      elif plan.kind == "masked":
-        out.append(jnp.where(_broadcast_mask(plan.mask, u), u, jnp.zeros_like(u)))
-        touched += jnp.sum(plan.mask, dtype=jnp.int32)
-      else:
-        out.append(u)
-
+    out = jax.tree.map(lambda plan, u: plan.output(u), plan_tree, new_updates)
+    counts = [c for c in (plan.touched() for plan in plans) if c is not None]
+    touched = sum(counts, jnp.zeros([], jnp.int32))
     if state_plans is not None:
-
-      def merge(plan, new, old):
-        if plan.kind == "sparse":
-          return _scatter_rows(old, plan.rows, new)
-        if plan.kind == "masked" and freeze_state:
-          return jnp.where(_broadcast_mask(plan.mask, new), new, old)
-        return new
-
+      merge = lambda plan, new, old: plan.merge(new, old)
       new_inner_state = jax.tree.map(merge, state_plans, new_inner_state, state.inner_state)
-    return treedef.unflatten(out), LazyState(touched, new_inner_state)
+    return out, LazyState(touched, new_inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,6 +9,8 @@ state; the names here make and apply such gradients::
   params = od.sparse.apply_updates(params, updates)
 """
 
+from __future__ import annotations
+
 from optaxderived.sparse._row_sparse import RowSparse
 from optaxderived.sparse._row_sparse import apply_updates
 from optaxderived.sparse._row_sparse import row_sparse_grad

@@ -34,14 +34,18 @@ class RowSparse:
   ``optax.apply_updates`` (and so Flax ``TrainState.apply_gradients``) adds a ``RowSparse``
   to a table through ``__radd__``, a scatter-add of the rows; :func:`apply_updates` does the
   same explicitly. A transformation that maps over every leaf (clipping, scaling) must not
-  see a ``RowSparse``: it would treat the indices as values. Put it inside :func:`lazy`.
+  see a ``RowSparse``: it would treat the indices as values. Put it inside
+  :func:`optaxderived.lazy`.
 
   Attributes:
     indices: integer array ``[n]``, the rows of the table.
     values: array ``[n, *row_shape]``, one row of values per index (``[n]`` for a vector).
 
   Example:
-    >>> g = od.sparse.RowSparse(jnp.array([2, 0, 2, -1]), jnp.array([[1.0], [2.0], [3.0], [9.0]]))
+    >>> import jax.numpy as jnp
+    >>> import optaxderived as od
+    >>> values = jnp.array([[1.0], [2.0], [3.0], [9.0]])
+    >>> g = od.sparse.RowSparse(jnp.array([2, 0, 2, -1]), values)  # -1: padding
     >>> g.todense(3)[:, 0]
     Array([2., 0., 4.], dtype=float32)
   """
@@ -60,7 +64,7 @@ class RowSparse:
 
   def __radd__(self, other: Any) -> jax.Array:
     other = jnp.asarray(other)
-    check_row_sparse(self, other, "RowSparse + array")
+    check_row_sparse("od.sparse.RowSparse.__radd__", self, other)
     return scatter_add(other, self.indices, self.values)
 
 
@@ -86,8 +90,10 @@ def scatter_add(table: jax.Array, indices: jax.Array, values: jax.Array) -> jax.
   return table.at[indices].add(jnp.asarray(values).astype(table.dtype), mode="drop")
 
 
-def check_row_sparse(g: RowSparse, param: Any, where: str) -> None:
-  """Static checks of a RowSparse against the table it applies to."""
+def check_row_sparse(fn: str, g: RowSparse, param: Any, path: str | None = None) -> None:
+  """Static checks of a RowSparse against the table it applies to: ``ValueError`` naming
+  ``fn`` (and the leaf's ``path``, when given) otherwise."""
+  where = fn if path is None else f"{fn}: {path}"
   indices, values = jnp.asarray(g.indices), jnp.asarray(g.values)
   shape = tuple(np.shape(param))
   if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
@@ -122,6 +128,8 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
     The updated params, with the structure, shapes and dtypes of ``params``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxderived as od
     >>> params = {"embed": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}
     >>> updates = {"embed": od.sparse.RowSparse(jnp.array([1, 1, 4]), jnp.ones((3, 2))),
     ...            "bias": jnp.ones(2)}
@@ -130,16 +138,29 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
     (Array([0., 2., 0., 0.], dtype=float32), Array([1., 1.], dtype=float32))
   """
 
-  def apply(p, u):
+  fn = "od.sparse.apply_updates"
+  param_leaves, structure = jax.tree.flatten(params, is_leaf=lambda x: x is None)
+  treedef: Any = structure  # jaxlib's PyTreeDef has no stub mypy can read
+  try:
+    update_leaves = treedef.flatten_up_to(updates)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{fn}: the updates tree does not match the params tree: {e}") from e
+  leaf_paths = jax.tree.leaves(
+    paths.tree_paths(treedef.unflatten(list(range(len(param_leaves)))))
+  )
+
+  def apply(p, u, path):
     if p is None:
       return None
     if is_row_sparse(u):
       p = jnp.asarray(p)
-      check_row_sparse(u, p, "od.sparse.apply_updates")
+      check_row_sparse(fn, u, p, path)
       return scatter_add(p, u.indices, u.values)
     return optax.apply_updates(p, u)
 
-  return jax.tree.map(apply, params, updates, is_leaf=lambda x: x is None or is_row_sparse(x))
+  return treedef.unflatten(
+    [apply(*leaf) for leaf in zip(param_leaves, update_leaves, leaf_paths, strict=True)]
+  )
 
 
 def row_sparse_grad(
@@ -162,7 +183,7 @@ def row_sparse_grad(
 
   whose cost is that of the looked-up rows. An id outside ``[0, num_rows)`` looks up a row
   of zeros and gets no gradient (padding). Duplicate ids are kept (they are summed by
-  :func:`lazy` and :func:`apply_updates`).
+  :func:`optaxderived.lazy` and :func:`apply_updates`).
 
   Args:
     fun: ``fun(params, rows, *args, **kwargs) -> loss`` (or ``(loss, aux)`` with
@@ -176,6 +197,9 @@ def row_sparse_grad(
     ``RowSparse`` at the table and dense gradients elsewhere.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optaxderived as od
     >>> params = {"embed": jnp.arange(8.0).reshape(4, 2), "w": jnp.ones(2)}
     >>> def loss_fn(params, rows, y):  # rows = params["embed"][ids]
     ...   return jnp.sum((rows.mean(1) @ params["w"] - y) ** 2)
@@ -220,13 +244,13 @@ def row_sparse_grad(
 
     def loss(rest, rows):
       full = list(rest[:k]) + [None] + list(rest[k:])
-      return fun(treedef.unflatten(full), rows, *args, **kwargs)
+      return fun(jax.tree.unflatten(treedef, full), rows, *args, **kwargs)
 
     value, (g_rest, g_rows) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=has_aux)(
       rest, rows
     )
     g_table = RowSparse(flat_ids, g_rows.reshape(-1, *tbl.shape[1:]))
-    grads = treedef.unflatten(list(g_rest[:k]) + [g_table] + list(g_rest[k:]))
+    grads = jax.tree.unflatten(treedef, list(g_rest[:k]) + [g_table] + list(g_rest[k:]))
     return value, grads
 
   return grad_fn
