@@ -207,7 +207,7 @@ def derive(
 
   Example:
     The author's BERT pretraining recipe in one call (warmup then linear decay to 0, counted in
-    real updates)::
+    real updates):
 
     >>> import jax.numpy as jnp
     >>> import optaxderived as od
