@@ -1,4 +1,4 @@
-"""od.accumulate and od.has_updated against NumPy float64 loops, optax and the worked examples."""
+"""od.accumulate and od.has_updated against NumPy float64 loops, optax and worked examples."""
 
 import functools
 

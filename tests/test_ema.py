@@ -65,7 +65,7 @@ def run_ema(tx, updates):
 
 
 def test_the_worked_example():
-  """The worked example: SGD 0.1, g ≡ 1, μ = 0.9, θ0 = 1: raw 0.09, 0.161, 0.2149; debiased below."""
+  """SGD 0.1, g ≡ 1, μ = 0.9, θ0 = 1: raw 0.09, 0.161, 0.2149; debiased below."""
   tx = optax.chain(optax.sgd(0.1), od.param_ema(0.9))
   params = jnp.array(1.0)
   state = tx.init(params)

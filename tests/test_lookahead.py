@@ -109,7 +109,7 @@ def test_reset_inner_state_matches_a_numpy_loop():
 
 
 def test_the_worked_example_paper_semantics():
-  """The worked example: L = θ²/2, SGD 0.1, k = 2, α = 0.5, θ0 = 1 (bert4keras would give 0.45 first)."""
+  """Worked example: L = θ²/2, SGD 0.1, k = 2, α = 0.5, θ0 = 1 (bert4keras gives 0.45 first)."""
   tx = od.lookahead(optax.sgd(0.1), 2, 0.5)
   params = jnp.array(1.0)
   state = tx.init(params)

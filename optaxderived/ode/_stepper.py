@@ -165,7 +165,7 @@ class Stepper:
 
   @property
   def num_stages(self) -> int:
-    """``s``: the stages of the tableau (gradient evaluations per step, without reuse)."""
+    """The number of stages ``s`` of the tableau (gradient evaluations per step, no reuse)."""
     return self.tableau.num_stages
 
   @property

@@ -115,12 +115,13 @@ class ButcherTableau:
 
   @property
   def num_stages(self) -> int:
-    """``s``: the gradient evaluations of one step (without FSAL reuse)."""
+    """The number of stages ``s``, the gradient evaluations of one step (without FSAL reuse)."""
     return len(self.c)
 
   @property
   def fsal(self) -> bool:
-    """First same as last: the last stage is evaluated at the step's result.
+    """Whether the tableau is *first same as last*: the last stage is evaluated at the step's
+    result.
 
     Its gradient is then the next step's first stage, when the loss does not change.
     """
@@ -133,7 +134,7 @@ class ButcherTableau:
 
   @property
   def error_order(self) -> int:
-    """``q + 1``, where ``q`` is the lower order of the pair: the error is O(h^(q+1))."""
+    """The order ``q + 1`` of the error, ``q`` the lower order of the pair: O(h^(q+1))."""
     embedded = self.order - 1 if self.embedded_order is None else self.embedded_order
     return min(self.order, embedded) + 1
 
