@@ -36,6 +36,19 @@ from optaxderived._transforms.lazy import lazy
 from optaxderived._transforms.clip_norm import ClipNormState
 from optaxderived._transforms.clip_norm import clip_norm
 
+# Training stability: history-based and unit-wise clipping, spike skipping, loss scaling.
+from optaxderived._transforms.adaptive_grad_clip import adaptive_grad_clip
+from optaxderived._transforms.autoclip import AutoClipState
+from optaxderived._transforms.autoclip import autoclip
+from optaxderived._transforms.zclip import ZClipState
+from optaxderived._transforms.zclip import zclip
+from optaxderived._transforms.loss_scale import LossScaleState
+from optaxderived._transforms.loss_scale import dynamic_loss_scale
+from optaxderived._transforms.loss_scale import loss_scale
+from optaxderived._transforms.skip_spikes import SkipSpikesState
+from optaxderived._transforms.skip_spikes import has_skipped
+from optaxderived._transforms.skip_spikes import skip_spikes
+
 # Per-path rules.
 from optaxderived._transforms.scale_by_path import ScaleByPathState
 from optaxderived._transforms.scale_by_path import scale_by_path
@@ -82,6 +95,18 @@ __all__ = (
   # Clipping.
   "ClipNormState",
   "clip_norm",
+  # Training stability.
+  "adaptive_grad_clip",
+  "AutoClipState",
+  "autoclip",
+  "ZClipState",
+  "zclip",
+  "LossScaleState",
+  "dynamic_loss_scale",
+  "loss_scale",
+  "SkipSpikesState",
+  "has_skipped",
+  "skip_spikes",
   # Per-path rules.
   "ScaleByPathState",
   "scale_by_path",

@@ -63,6 +63,28 @@ CASES = {
   "lazy_freeze": Case(lambda: od.lazy(_ADAM(), include="emb", freeze_state=True), ("od.lazy",)),
   "clip_norm": Case(lambda: od.clip_norm(1.0), None),
   "clip_norm_soft_row": Case(lambda: od.clip_norm(1.0, soft=True, scope="row"), None),
+  "zclip": Case(lambda: optax.chain(od.zclip(warmup_steps=2), optax.sgd(0.1)), None),
+  "zclip_reciprocal": Case(
+    lambda: optax.chain(od.zclip(1.0, warmup_steps=1, reciprocal=True), _ADAM()), None
+  ),
+  "autoclip": Case(lambda: optax.chain(od.autoclip(), optax.sgd(0.1)), None),
+  # (a window whose length is no param's shape: the battery tells state leaves by shape)
+  "autoclip_window": Case(lambda: optax.chain(od.autoclip(50.0, window=5), _ADAM()), None),
+  "adaptive_grad_clip": Case(
+    lambda: optax.chain(od.adaptive_grad_clip(0.01, exclude="bias"), optax.sgd(0.1)),
+    ("od.adaptive_grad_clip",),
+  ),
+  "skip_spikes": Case(
+    lambda: od.skip_spikes(_ADAM(), window=4, min_history=2), ("od.skip_spikes",), nan="skipped"
+  ),
+  "dynamic_loss_scale": Case(
+    lambda: od.dynamic_loss_scale(_ADAM()), ("od.dynamic_loss_scale",), nan="skipped"
+  ),
+  "dynamic_loss_scale_grow": Case(
+    lambda: od.dynamic_loss_scale(_ADAM(), initial_scale=2.0**10, growth_interval=1),
+    ("od.dynamic_loss_scale",),
+    nan="skipped",
+  ),
   "scale_by_path": Case(
     lambda: optax.chain(od.scale_by_path({"kernel": 0.5, "bias": 2.0}), optax.sgd(0.1)), None
   ),
@@ -720,6 +742,46 @@ BAD_HYPERPARAMETERS = [
   (od.sparse.row_sparse_grad, dict(fun=lambda p, r: 0.0, table=5), "table"),
   (od.sparse.row_sparse_grad, dict(fun=lambda p, r: 0.0, table=()), "table"),
   (od.sparse.row_sparse_grad, dict(fun=lambda p, r: 0.0, table="emb", has_aux="no"), "has_aux"),
+  # Training stability.
+  (od.zclip, dict(z_threshold=0.0), "z_threshold"),
+  (od.zclip, dict(z_threshold=math.nan), "z_threshold"),
+  (od.zclip, dict(ema_decay=1.0), "ema_decay"),
+  (od.zclip, dict(ema_decay=0.0), "ema_decay"),
+  (od.zclip, dict(warmup_steps=0), "warmup_steps"),
+  (od.zclip, dict(warmup_steps=2.5), "warmup_steps"),
+  (od.zclip, dict(reciprocal="yes"), "reciprocal"),
+  (od.autoclip, dict(percentile=-1.0), "percentile"),
+  (od.autoclip, dict(percentile=101.0), "percentile"),
+  (od.autoclip, dict(window=0), "window"),
+  (od.autoclip, dict(window=10.5), "window"),
+  (od.adaptive_grad_clip, dict(clipping=0.0), "clipping"),
+  (od.adaptive_grad_clip, dict(clipping=math.nan), "clipping"),
+  (od.adaptive_grad_clip, dict(clipping=0.01, eps=-1.0), "eps"),
+  (od.adaptive_grad_clip, dict(clipping=0.01, exclude="("), "exclude"),
+  (od.adaptive_grad_clip, dict(clipping=0.01, exclude=5), "exclude"),
+  (od.adaptive_grad_clip, dict(clipping=0.01, strict="yes"), "strict"),
+  (od.skip_spikes, dict(inner=_NOT_A_TX), "inner"),
+  (od.skip_spikes, dict(inner=optax.sgd(1.0), window=0), "window"),
+  (od.skip_spikes, dict(inner=optax.sgd(1.0), threshold=0.0), "threshold"),
+  (od.skip_spikes, dict(inner=optax.sgd(1.0), threshold=math.inf), "threshold"),
+  (od.skip_spikes, dict(inner=optax.sgd(1.0), metric="norm"), "metric"),
+  (od.skip_spikes, dict(inner=optax.sgd(1.0), window=4, min_history=5), "min_history"),
+  (od.skip_spikes, dict(inner=optax.sgd(1.0), max_consecutive=0), "max_consecutive"),
+  (od.dynamic_loss_scale, dict(inner=optax.adam), "inner"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), initial_scale=0.0), "initial_scale"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), initial_scale=math.inf), "initial_scale"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), initial_scale=2.0**30), "initial_scale"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), min_scale=0.0), "min_scale"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), max_scale=math.inf), "max_scale"),
+  (
+    od.dynamic_loss_scale,
+    dict(inner=optax.sgd(1.0), initial_scale=3.0, min_scale=4.0, max_scale=2.0),
+    "min_scale",
+  ),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), growth_interval=0), "growth_interval"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), growth_factor=0.5), "growth_factor"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), backoff_factor=0.0), "backoff_factor"),
+  (od.dynamic_loss_scale, dict(inner=optax.sgd(1.0), backoff_factor=1.5), "backoff_factor"),
 ]
 
 
@@ -751,7 +813,8 @@ def test_the_catalogue_covers_every_public_factory():
     "od.scale_by_path", "od.transform_by_path", "od.weight_decay", "od.layer_adaptation",
     "od.piecewise_linear", "od.derive", "od.exponentiated_gradient", "od.eg_plus_minus",
     "od.eg_step_size", "od.ode.runge_kutta", "od.ode.heun", "od.ode.rk23", "od.ode.rk45",
-    "od.ode.as_transformation", "od.sparse.row_sparse_grad",
+    "od.ode.as_transformation", "od.sparse.row_sparse_grad", "od.zclip", "od.autoclip",
+    "od.adaptive_grad_clip", "od.skip_spikes", "od.dynamic_loss_scale",
   }  # fmt: skip
   assert public <= factories, public - factories
 
@@ -765,8 +828,13 @@ def test_invalid_params_at_init_raise_value_error_naming_the_transformation():
 
 @pytest.mark.parametrize(
   "tx",
-  [od.lookahead(optax.sgd(1.0)), od.weight_decay(0.1), od.param_ema(0.9)],
-  ids=["lookahead", "weight_decay", "param_ema"],
+  [
+    od.lookahead(optax.sgd(1.0)),
+    od.weight_decay(0.1),
+    od.param_ema(0.9),
+    od.adaptive_grad_clip(0.01),
+  ],
+  ids=["lookahead", "weight_decay", "param_ema", "adaptive_grad_clip"],
 )
 def test_a_missing_params_argument_raises_value_error(tx):
   params = {"w": jnp.ones(3)}

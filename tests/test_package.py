@@ -17,6 +17,8 @@ ROOT = """
   exponentiated_gradient has_updated layer_adaptation lazy learning_rate lookahead
   lookahead_params param_ema path_mask piecewise_linear scale_by_path transform_by_path
   tree_paths weight_decay
+  AutoClipState LossScaleState SkipSpikesState ZClipState adaptive_grad_clip autoclip
+  dynamic_loss_scale has_skipped loss_scale skip_spikes zclip
 """.split()
 SUBMODULES = {
   "ode": """

@@ -35,59 +35,6 @@ class ClipNormState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
-def _axes(x: jax.Array, scope: str) -> tuple[int, ...] | None:
-  """The axes a unit's norm reduces over: axis 0 is kept for rows of ndim >= 2 leaves."""
-  if scope == "row" and x.ndim >= 2:
-    return tuple(range(1, x.ndim))
-  return None
-
-
-def _stable_norm(norms: list[jax.Array]) -> jax.Array:
-  """The L2 norm of a few non-negative unit norms, without overflow (max-scaled)."""
-  flat = jnp.concatenate([jnp.ravel(n) for n in norms])
-  m = jnp.max(flat, initial=0.0)
-  safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-  return jnp.where(jnp.isinf(m), jnp.inf, safe * jnp.sqrt(jnp.sum(jnp.square(flat / safe))))
-
-
-def _unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], jax.Array]:
-  """The norm of every unit (one per leaf, or a vector of row norms) and the global norm.
-
-  The norms are ``sqrt`` of float32 (or wider) sums of squares. When a sum overflows to inf,
-  a ``lax.cond`` recomputes the overflowed units from values scaled by ``2^-e`` (``e`` half
-  the dtype's largest exponent: ``2^-64`` in float32): the scaled sum of squares overflows
-  only when the norm itself does, and the entries it loses to underflow (``|x| < ~2``) are
-  negligible next to a norm above ``~1e19``. So finite gradients always get their finite norm
-  and an infinite entry an infinite one, at the cost of one reduction in the common case.
-  """
-  axes = [None if scope == "global" else _axes(x, scope) for x in leaves]
-  sums = [numerics.sum_of_squares(x, a) for x, a in zip(leaves, axes, strict=True)]
-  if scope == "row":
-    # Without the barrier XLA turns sum(row sums) into a second reduction of x² and then
-    # materialises x² for both (a leaf-sized temporary per leaf).
-    sums = jax.lax.optimization_barrier(sums)
-  total = sum(jnp.sum(s) for s in sums)
-
-  def plain():
-    if scope == "global":
-      return [jnp.sqrt(total)], jnp.sqrt(total)
-    return [jnp.sqrt(s) for s in sums], jnp.sqrt(total)
-
-  def rescaled():
-    norms = []
-    for x, a, s in zip(leaves, axes, sums, strict=True):
-      x = numerics.wide(x)
-      e = jnp.finfo(x.real.dtype).maxexp // 2
-      scaled = jnp.sqrt(numerics.sum_of_squares(x * 2.0**-e, a)) * 2.0**e
-      norms.append(jnp.where(jnp.isinf(s), scaled, jnp.sqrt(s)))
-    norm = _stable_norm(norms)
-    return ([norm] if scope == "global" else norms), norm
-
-  # ~isfinite, not isinf: with a NaN elsewhere the total is NaN, and the finite units whose
-  # squares overflowed must still get their exact norms
-  return jax.lax.cond(~jnp.isfinite(total), rescaled, plain)
-
-
 def clip_norm(
   max_norm: optax.ScalarOrSchedule,
   *,
@@ -194,7 +141,7 @@ def clip_norm(
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:  # nothing to clip: a zero norm
       return updates, init_fn(None)._replace(count=optax.safe_increment(state.count))
-    norms, global_norm = _unit_norms(leaves, scope)
+    norms, global_norm = numerics.unit_norms(leaves, scope)
 
     def factor_and_clipped(n):
       # One rounding each; a NaN norm gives a NaN factor and gamma = inf a factor of 1 (the
