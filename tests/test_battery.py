@@ -283,6 +283,19 @@ def test_dtypes_state_stability_and_no_recompilation(name, dtype):
   assert_trees_close(maybe_step(True, params, state0), step(params, state0)[1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", IDS)
+def test_the_state_can_be_donated(name):
+  """A training step jitted with the params and state donated, as users write it: no two
+  state leaves share a buffer (XLA refuses to donate one buffer twice)."""
+  case = CASES[name]
+  tx = case.make()
+  params = jax.tree.map(jnp.copy, make_params(case))
+  step = jax.jit(make_step(case, tx), donate_argnums=(0, 1))
+  p, s, _ = step(params, tx.init(params))
+  p, s, _ = step(p, s)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharding over the 8 host devices.
 

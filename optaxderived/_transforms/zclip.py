@@ -133,12 +133,12 @@ def zclip(
 
   def init_fn(params):
     del params
-    zero = jnp.zeros([], jnp.float32)
+    # One array per field: a state whose fields share a buffer cannot be donated to a step.
     return ZClipState(
-      mean=zero,
-      var=zero,
+      mean=jnp.zeros([], jnp.float32),
+      var=jnp.zeros([], jnp.float32),
       count=jnp.zeros([], jnp.int32),
-      norm=zero,
+      norm=jnp.zeros([], jnp.float32),
       clipped=jnp.zeros([], jnp.bool_),
     )
 
