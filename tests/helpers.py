@@ -1,6 +1,7 @@
 """Checks every transformation's tests share (import with ``from helpers import ...``)."""
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -66,3 +67,30 @@ def assert_trees_close(actual: Any, desired: Any, rtol: float = 1e-6, atol: floa
     np.testing.assert_allclose(
       np.asarray(a, np.float64), np.asarray(d, np.float64), rtol=rtol, atol=atol
     )
+
+
+# Gradient sequences with given global norms, for the norm-history clipping rules.
+
+
+def np_norm(grads) -> float:
+  return math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in grads.values()))
+
+
+_rng = np.random.default_rng(0)
+
+
+_DIRECTIONS = [{"w": _rng.normal(size=(3, 4)), "b": _rng.normal(size=5)} for _ in range(32)]
+
+
+def make_seq(norms):
+  """Gradients with the given global norms; "nan", "inf" and "-inf" put that value in one
+  entry of an otherwise ordinary gradient."""
+  seq = []
+  for i, n in enumerate(norms):
+    d = _DIRECTIONS[i % len(_DIRECTIONS)]
+    scale = 1.0 if isinstance(n, str) else n / np_norm(d)
+    g = {k: (v * scale).astype(np.float32) for k, v in d.items()}
+    if isinstance(n, str):
+      g["w"][1, 2] = float(n)
+    seq.append(g)
+  return seq
