@@ -345,3 +345,36 @@ def test_mismatched_gradients_name_derive_and_both_structures():
     r"PyTreeDef.* vs PyTreeDef",
   ):
     tx.update(grads, state, params)
+
+
+def test_the_guards_go_outermost_and_equal_the_explicit_composition():
+  params = _params()
+  steps = 8
+  grads = _grads(params, steps)
+  spike = 6  # a micro-batch 100x larger: a spike once the history has 4 values
+  grads = jax.tree.map(lambda g: g.at[spike].multiply(100.0), grads)
+  kwargs = dict(weight_decay=0.01, grad_accum_steps=2)
+  guarded = od.derive(
+    1e-2,
+    **kwargs,
+    skip_spikes=dict(window=4, min_history=4, threshold=3.0),
+    dynamic_loss_scale=dict(initial_scale=4.0, growth_interval=3),
+  )
+  explicit = od.dynamic_loss_scale(
+    od.skip_spikes(od.derive(1e-2, **kwargs), window=4, min_history=4, threshold=3.0),
+    initial_scale=4.0,
+    growth_interval=3,
+  )
+  p1, s1 = _run(guarded, params, grads, steps)
+  p2, s2 = _run(explicit, params, grads, steps)
+  assert_trees_close(p1, p2, rtol=0, atol=0)
+  spikes, window = s1.inner_state, s1.inner_state.inner_state  # the order of the wrappers
+  assert int(s1.num_skipped) == 0  # every gradient was finite: the loss scale skipped none
+  assert float(od.loss_scale(s1)) == 16.0  # 8 finite calls: grew at the 3rd and the 6th
+  assert int(spikes.num_skipped) == 1 and bool(od.has_skipped(s1)) is False  # the spike
+  # The skipped micro-batch did not count toward the window: 7 taken, 3 real updates.
+  assert int(window.step) == 3 and int(window.micro_step) == 1
+  with pytest.raises(ValueError, match=r"od.derive: skip_spikes: od.skip_spikes: window"):
+    od.derive(1e-2, skip_spikes=dict(window=0))
+  with pytest.raises(ValueError, match=r"od.derive: dynamic_loss_scale must be True or a dict"):
+    od.derive(1e-2, dynamic_loss_scale=2.0**15)

@@ -22,9 +22,11 @@ from optaxderived._transforms.layer_adaptation import layer_adaptation as layer_
 from optaxderived._transforms.lazy import lazy as lazy_
 from optaxderived._transforms.learning_rate import scale_by_learning_rate
 from optaxderived._transforms.lookahead import lookahead as lookahead_
+from optaxderived._transforms.loss_scale import dynamic_loss_scale as dynamic_loss_scale_
 from optaxderived._transforms.param_ema import param_ema
 from optaxderived._transforms.scale_by_path import scale_by_path
 from optaxderived._transforms.schedules import piecewise_linear
+from optaxderived._transforms.skip_spikes import skip_spikes as skip_spikes_
 from optaxderived._transforms.weight_decay import weight_decay as weight_decay_
 from optaxderived.sparse._row_sparse import RowSparse
 
@@ -132,6 +134,8 @@ def derive(
   ema: float | None = None,
   bias_correction: bool = True,
   strict: bool = False,
+  skip_spikes: bool | Mapping[str, Any] | None = None,
+  dynamic_loss_scale: bool | Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Composes the derived techniques around a base optimizer, in the order that is right.
 
@@ -158,6 +162,10 @@ def derive(
       ),
       grad_accum_steps,
     )
+
+  and, outermost, the guards that judge each micro-batch before it is accumulated:
+  ``od.dynamic_loss_scale(od.skip_spikes(<the above>, **skip_spikes), **dynamic_loss_scale)``
+  (the gradients are unscaled first, then checked for a spike).
 
   where ``multiplier`` is ``od.piecewise_linear(lr_schedule)`` for a ``{step: multiplier}``
   dict, or ``lr_schedule`` itself for a schedule. With the defaults it is Adam with
@@ -197,6 +205,10 @@ def derive(
       :func:`ema_params`.
     bias_correction: whether the default Adam base bias-corrects its moments (the author's
       BERT recipe turns it off); only with the default ``base``.
+    skip_spikes: ``True`` or a dict of :func:`skip_spikes`'s keyword arguments: skip a
+      micro-batch whose gradient norm (or ``loss=``, with ``metric="loss"``) is a spike.
+    dynamic_loss_scale: ``True`` or a dict of :func:`dynamic_loss_scale`'s keyword
+      arguments, for float16 training; read the scale with :func:`loss_scale`.
     strict: raise ``ValueError`` at ``init`` instead of warning when a pattern of
       ``exclude_from_weight_decay``, ``exclude_from_layer_adaptation``, ``lazy`` or
       ``paramwise_lr`` matches no leaf.
@@ -296,6 +308,19 @@ def derive(
     tx = optax.chain(tx, param_ema(ema))
   if not isinstance(grad_accum_steps, int) or grad_accum_steps > 1:  # (as weight_decay above)
     tx = accumulate(tx, grad_accum_steps)
+  # The guards go outermost: they judge each micro-batch before it is accumulated.
+  for name, guard, factory in (
+    ("skip_spikes", skip_spikes, skip_spikes_),
+    ("dynamic_loss_scale", dynamic_loss_scale, dynamic_loss_scale_),
+  ):
+    if guard is None or guard is False:
+      continue
+    if guard is not True and not isinstance(guard, Mapping):
+      raise ValueError(
+        f"{FN}: {name} must be True or a dict of od.{name}'s keyword arguments, got {guard!r}"
+      )
+    with _argument(name):
+      tx = factory(tx, **({} if guard is True else guard))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is not None:  # before any piece, whose own error would not name derive
