@@ -101,5 +101,7 @@ def unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], ja
 
 def global_norm(leaves: list[jax.Array]) -> jax.Array:
   """The L2 norm of all ``leaves`` together, in at least float32, exact for finite values
-  whose squares overflow (see :func:`unit_norms`)."""
+  whose squares overflow (see :func:`unit_norms`); 0 for no leaves."""
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
   return unit_norms(leaves, "global")[1]

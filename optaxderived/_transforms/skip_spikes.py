@@ -51,16 +51,6 @@ def _avals(tree: Any) -> Any:
   return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
 
 
-def _global_norm(updates: Any) -> jax.Array:
-  """The L2 norm of all leaves in float32 or wider (``numerics.global_norm``): one reduction,
-  and a rescaled one only when the sum of squares overflows, so finite updates get a finite
-  norm."""
-  leaves = jax.tree.leaves(updates)
-  if not leaves:
-    return jnp.zeros([], jnp.float32)
-  return numerics.global_norm(leaves)
-
-
 def _spikes(
   values: jax.Array, history: jax.Array, count: jax.Array, min_history: int, threshold: Any
 ) -> jax.Array:
@@ -273,7 +263,7 @@ def skip_spikes(
     """The call's values as a float32 ``[rows]`` vector (norm first, then loss)."""
     values = []
     if metric in ("grad_norm", "both"):
-      values.append(_global_norm(updates))
+      values.append(numerics.global_norm(jax.tree.leaves(updates)))
     if metric in ("loss", "both"):
       if loss is None:
         raise ValueError(
