@@ -3,11 +3,14 @@
 `od.zclip`, `od.skip_spikes` and `od.autoclip` (targets: <= 1.05, <= 1.05, <= 1.1) are timed
 against `chain(clip_by_global_norm(1.0), adam)`, the usual guard of a step; the benchmark feeds
 the same finite gradient on every call, so none of them clips or skips (their steady state).
-`od.dynamic_loss_scale(adam)` (target <= 1.1) is timed against `optax.adam`, and against the
-same computation written by hand as one jitted function (the finiteness check of all the
-gradients, then Adam on the unscaled gradients under that condition, then the scale's
-update), which tells the cost of the algorithm (one extra read of the gradients, finished
-before any state is written) from the cost of our code.
+`od.dynamic_loss_scale(adam)` (target <= 1.1) is timed against `optax.adam`.
+
+The two skipping wrappers are also timed against the same computation written by hand as one
+jitted function, two ways: with the params updated inside the `lax.cond` (the backend's limit
+for the algorithm: the guard must read every gradient before any state is written) and with
+the updates returned from the `cond` and applied after it (the limit for any
+`GradientTransformation` that skips, which returns updates). `optax.apply_if_finite(adam)`,
+optax's own skipping wrapper, is timed against `optax.adam` for comparison.
 """
 
 import jax
@@ -36,58 +39,79 @@ def _adam():
   return tx_subject("optax.adam(1e-3)", optax.adam(LR))
 
 
-def hand_loss_scale_adam() -> Subject:
-  """`od.dynamic_loss_scale(optax.adam(1e-3))` written by hand, with no abstraction.
+def hand_guarded_adam(guard: str, how: str) -> Subject:
+  """A guarded `optax.adam(1e-3)` step written by hand as one jitted function.
 
-  The finiteness check is the same as ours (a sum of all the gradients, which is finite only
-  when every entry is; the exact test only when the sum is not), then Adam's update on the
-  unscaled gradients under `lax.cond`, then the scale's rule.
+  `guard="loss_scale"` is `od.dynamic_loss_scale(optax.adam(1e-3))`: the finiteness check as
+  ours (a sum of all the gradients, finite only when every entry is; the exact test only when
+  it is not), Adam on the unscaled gradients under `lax.cond`, then the scale's rule.
+  `guard="norm"` is a skip guard on the global norm (skip when it exceeds 1e6), the steady
+  state of `od.skip_spikes(optax.adam(1e-3))`, whose history statistics are scalar work.
+
+  `how="applied"` updates the params inside the `cond`: the backend's limit for the
+  algorithm. `how="returned"` returns the updates from the `cond` and applies them after it,
+  as any `GradientTransformation` that skips must (it returns updates, and
+  `optax.apply_updates` runs outside it): the limit of the interface. `how="selected"` runs
+  Adam on every call and selects the new or the old state and zero updates with `jnp.where`
+  (no `cond`, as `optax.apply_if_finite` does).
   """
   b1, b2, eps = 0.9, 0.999, 1e-8
+  scaled = guard == "loss_scale"
 
   def init(params):
-    return (
-      params,
-      jax.tree.map(jnp.zeros_like, params),
-      jax.tree.map(jnp.zeros_like, params),
-      jnp.zeros([], jnp.int32),
-      jnp.asarray(SCALE, jnp.float32),
-      jnp.zeros([], jnp.int32),
-    )
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    scale = jnp.asarray(SCALE if scaled else 1.0, jnp.float32)
+    return params, zeros(), zeros(), jnp.zeros([], jnp.int32), scale, jnp.zeros([], jnp.int32)
 
   def step(carry, grads):
     params, mu, nu, count, scale, good = carry
     leaves = jax.tree.leaves(grads)
-    total = sum(jnp.sum(g) for g in leaves)
-    finite = jax.lax.cond(
-      jnp.isfinite(total),
-      lambda: jnp.ones([], jnp.bool_),
-      lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves])),
-    )
+    if scaled:
+      total = sum(jnp.sum(g) for g in leaves)
+      take = jax.lax.cond(
+        jnp.isfinite(total),
+        lambda: jnp.ones([], jnp.bool_),
+        lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves])),
+      )
+    else:
+      take = optax.tree.norm(grads) <= 1e6
 
-    def run(params, mu, nu, count):
+    def adam(params, mu, nu, count):
       inv = 1 / scale
       t = count + 1
       c1 = 1 - b1 ** t.astype(jnp.float32)
       c2 = 1 - b2 ** t.astype(jnp.float32)
       mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * (g * inv), mu, grads)
       nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g * inv), nu, grads)
-      params = jax.tree.map(
-        lambda p, m, v: p - LR * (m / c1) / (jnp.sqrt(v / c2) + eps), params, mu, nu
-      )
-      return params, mu, nu, t
+      updates = jax.tree.map(lambda m, v: -LR * (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+      if how == "applied":
+        return jax.tree.map(jnp.add, params, updates), mu, nu, t
+      return updates, mu, nu, t
 
-    params, mu, nu, count = jax.lax.cond(
-      finite, run, lambda *state: state, params, mu, nu, count
-    )
-    good = good + 1
-    grow = good >= GROWTH_INTERVAL
-    new_scale = jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1))
-    new_scale = jnp.minimum(new_scale, 2.0**24)
-    good = jnp.where(finite & ~grow, good, 0)
-    return params, mu, nu, count, new_scale, good
+    def skip(params, mu, nu, count):
+      return (params if how == "applied" else optax.tree.zeros_like(params)), mu, nu, count
 
-  return Subject("hand-written, one jitted function", init, step)
+    if how == "selected":
+      new = adam(params, mu, nu, count)
+      old = skip(params, mu, nu, count)
+      out, mu, nu, count = jax.tree.map(lambda a, b: jnp.where(take, a, b), new, old)
+    else:
+      out, mu, nu, count = jax.lax.cond(take, adam, skip, params, mu, nu, count)
+    params = out if how == "applied" else optax.apply_updates(params, out)
+    if scaled:
+      good = good + 1
+      grow = good >= GROWTH_INTERVAL
+      scale = jnp.where(take, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1))
+      scale = jnp.minimum(scale, 2.0**24)
+      good = jnp.where(take & ~grow, good, 0)
+    return params, mu, nu, count, scale, good
+
+  where = {
+    "applied": "params updated in the cond",
+    "returned": "updates returned from the cond",
+    "selected": "selected, no cond",
+  }[how]
+  return Subject(f"hand-written {guard} guard, {where}", init, step)
 
 
 def cases() -> list[Case]:
@@ -107,51 +131,78 @@ def cases() -> list[Case]:
     "chain(optax.scale(2**-15), optax.adam(1e-3))",
     optax.chain(optax.scale(1 / SCALE), optax.adam(LR)),
   )
-  hand = hand_loss_scale_adam()
+  if_finite = tx_subject(
+    "optax.apply_if_finite(optax.adam(1e-3), 5)", optax.apply_if_finite(optax.adam(LR), 5)
+  )
+  norm_returned, norm_applied, norm_selected = (
+    hand_guarded_adam("norm", how) for how in ("returned", "applied", "selected")
+  )
+  scale_returned, scale_applied, scale_selected = (
+    hand_guarded_adam("loss_scale", how) for how in ("returned", "applied", "selected")
+  )
   # zclip's first 25 calls are warmup, skip_spikes judges once its window (128) is full and
   # autoclip's threshold on its first call is that call's norm: none clips or skips in the
   # first 3 steps, which must then be Adam's exactly.
+  same_as_adam = lambda s: check_close(s, adam, cycle=3, rtol=1e-6, atol=1e-7)
+  same_as_unscaled = lambda s: check_close(s, unscaled_adam, cycle=3)
   return [
+    Case("zclip", zclip, _clip_adam(), target=1.05, check=same_as_adam(zclip)),
+    Case("autoclip", autoclip, _clip_adam(), target=1.1, check=same_as_adam(autoclip)),
+    Case("skip_spikes", spikes, _clip_adam(), target=1.05, check=same_as_adam(spikes)),
     Case(
-      "zclip",
-      zclip,
-      _clip_adam(),
-      target=1.05,
-      check=check_close(zclip, adam, cycle=3, rtol=1e-6, atol=1e-7),
-    ),
-    Case(
-      "skip_spikes",
+      "skip_spikes vs hand-written",
       spikes,
-      _clip_adam(),
-      target=1.05,
-      check=check_close(spikes, adam, cycle=3, rtol=1e-6, atol=1e-7),
+      norm_returned,
+      check=all_checks(same_as_adam(spikes), same_as_adam(norm_returned)),
     ),
     Case(
-      "autoclip",
-      autoclip,
+      "skip guard hand-written (returned)",
+      norm_returned,
       _clip_adam(),
-      target=1.1,
-      check=check_close(autoclip, adam, cycle=3, rtol=1e-6, atol=1e-7),
+      check=same_as_adam(norm_returned),
+    ),
+    Case(
+      "skip guard hand-written (applied)",
+      norm_applied,
+      _clip_adam(),
+      check=same_as_adam(norm_applied),
+    ),
+    Case(
+      "skip guard hand-written (selected)",
+      norm_selected,
+      _clip_adam(),
+      check=same_as_adam(norm_selected),
     ),
     Case(
       "dynamic_loss_scale",
       loss_scale,
       adam,
       target=1.1,
-      check=all_checks(
-        check_close(loss_scale, unscaled_adam, cycle=3), check_close(hand, loss_scale, cycle=3)
-      ),
+      check=same_as_unscaled(loss_scale),
     ),
     Case(
       "dynamic_loss_scale vs hand-written",
       loss_scale,
-      hand,
-      check=check_close(hand, loss_scale, cycle=3),
+      scale_returned,
+      check=all_checks(same_as_unscaled(loss_scale), same_as_unscaled(scale_returned)),
     ),
     Case(
-      "loss_scale hand-written vs adam",
-      hand,
+      "loss_scale hand-written (returned)",
+      scale_returned,
       adam,
-      check=check_close(hand, unscaled_adam, cycle=3),
+      check=same_as_unscaled(scale_returned),
     ),
+    Case(
+      "loss_scale hand-written (applied)",
+      scale_applied,
+      adam,
+      check=same_as_unscaled(scale_applied),
+    ),
+    Case(
+      "loss_scale hand-written (selected)",
+      scale_selected,
+      adam,
+      check=same_as_unscaled(scale_selected),
+    ),
+    Case("apply_if_finite", if_finite, adam, check=same_as_adam(if_finite)),
   ]
