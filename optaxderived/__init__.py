@@ -1,9 +1,10 @@
 """optaxderived: derived optimizer techniques as optax GradientTransformations.
 
 Import as ``import optaxderived as od``. The root holds what goes into ``optax.chain``, with
-its states and accessors, the path helpers, ``piecewise_linear`` and ``derive``. Three
-submodules hold the rest: ``od.ode`` (optimizers as ODE integrators), ``od.sparse``
-(row-sparse gradients) and ``od.regularizers`` (loss-side helpers).
+its states and accessors, the path helpers, the schedules (``piecewise_linear`` and the EMA
+decays) and ``derive``. Three submodules hold the rest: ``od.ode`` (optimizers as ODE
+integrators), ``od.sparse`` (row-sparse gradients) and ``od.regularizers`` (loss-side
+helpers).
 """
 
 from optaxderived import ode as ode
@@ -20,13 +21,18 @@ from optaxderived._transforms.accumulate import AccumulateState
 from optaxderived._transforms.accumulate import accumulate
 from optaxderived._transforms.accumulate import has_updated
 
-# Lookahead and parameter EMA.
+# Lookahead and weight averaging (parameter EMA, its decay schedules, SWA).
 from optaxderived._transforms.lookahead import LookaheadState
 from optaxderived._transforms.lookahead import lookahead
 from optaxderived._transforms.lookahead import lookahead_params
 from optaxderived._transforms.param_ema import ParamEmaState
 from optaxderived._transforms.param_ema import ema_params
 from optaxderived._transforms.param_ema import param_ema
+from optaxderived._transforms.ema_schedules import ema_warmup
+from optaxderived._transforms.ema_schedules import power_ema_decay
+from optaxderived._transforms.swa import SWAState
+from optaxderived._transforms.swa import swa
+from optaxderived._transforms.swa import swa_params
 
 # Lazy updates for embeddings (row-sparse gradients: od.sparse).
 from optaxderived._transforms.lazy import LazyState
@@ -48,6 +54,9 @@ from optaxderived._transforms.loss_scale import loss_scale
 from optaxderived._transforms.skip_spikes import SkipSpikesState
 from optaxderived._transforms.skip_spikes import has_skipped
 from optaxderived._transforms.skip_spikes import skip_spikes
+
+# Sharding the optimizer state (ZeRO-1).
+from optaxderived._transforms.shard_state import shard_state
 
 # Per-path rules.
 from optaxderived._transforms.scale_by_path import ScaleByPathState
@@ -82,13 +91,18 @@ __all__ = (
   "AccumulateState",
   "accumulate",
   "has_updated",
-  # Lookahead and parameter EMA.
+  # Lookahead and weight averaging.
   "LookaheadState",
   "lookahead",
   "lookahead_params",
   "ParamEmaState",
   "ema_params",
   "param_ema",
+  "ema_warmup",
+  "power_ema_decay",
+  "SWAState",
+  "swa",
+  "swa_params",
   # Lazy updates for embeddings.
   "LazyState",
   "lazy",
@@ -107,6 +121,8 @@ __all__ = (
   "SkipSpikesState",
   "has_skipped",
   "skip_spikes",
+  # Sharding the optimizer state (ZeRO-1).
+  "shard_state",
   # Per-path rules.
   "ScaleByPathState",
   "scale_by_path",

@@ -11,6 +11,7 @@ from helpers import assert_keeps_dtype
 from helpers import assert_state_stable
 from helpers import assert_trees_close
 from helpers import run_scan
+from helpers import shapes_and_dtypes
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -35,11 +36,12 @@ def _flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(_np(tree))])
 
 
-def _reference_run(inner_step, params, grads_seq, ks, weights=None):
+def _reference_run(inner_step, params, grads_seq, ks, weights=None, reduction="mean"):
   """NumPy float64: the window means, the inner step on each, zeros on holding calls.
 
   ``inner_step(state, mean, params, n) -> (update, state)`` works on flat float64 vectors;
   ``n`` counts real updates (0 at the first). ``ks`` gives the window sizes in order.
+  ``reduction="sum"``: the inner step gets the weighted sums instead of the means.
   Returns the final params and the stacked per-call updates (as flat vectors).
   """
   theta = _flat(params)
@@ -53,7 +55,9 @@ def _reference_run(inner_step, params, grads_seq, ks, weights=None):
       updates.extend(np.zeros_like(theta) for _ in range(calls - start))
       break
     updates.extend(np.zeros_like(theta) for _ in range(end - start - 1))
-    mean = sum(ws[i] * gs[i] for i in range(start, end)) / sum(ws[start:end])
+    mean = sum(ws[i] * gs[i] for i in range(start, end))
+    if reduction == "mean":
+      mean = mean / sum(ws[start:end])
     update, state = inner_step(state, mean, theta, n)
     updates.append(update)
     theta = theta + update
@@ -673,3 +677,423 @@ def test_float64_gradients_accumulate_in_float64():
       updates["w"], -np.array([1 / 3 + 1 / 7, 1 + 1e-9]) / 2, rtol=1e-15
     )
     assert updates["h"].dtype == jnp.bfloat16
+
+
+# Window-aware options: skip_if, reduction="sum", mean_extra_args.
+
+_SPIKE = lambda g, p: optax.tree.norm(g) > 100.0
+
+
+def _calls(tx, grads_seq, params=PARAMS, **per_call):
+  """``update`` + ``apply_updates`` (jitted) once per call; ``per_call``: a sequence of values
+  of each extra keyword argument. Returns the params, the state, the per-call flat updates
+  and the per-call states."""
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  calls = jax.tree.leaves(grads_seq)[0].shape[0]
+  got, states = [], []
+  for i in range(calls):
+    extra = {name: values[i] for name, values in per_call.items()}
+    updates, state = update(
+      jax.tree.map(lambda g, i=i: g[i], grads_seq), state, params, **extra
+    )
+    params = optax.apply_updates(params, updates)
+    got.append(_flat(updates))
+    states.append(state)
+  return params, state, np.stack(got), states
+
+
+def _insert(grads_seq, position, bad):
+  """``grads_seq`` with the single gradient tree ``bad`` inserted as call ``position``."""
+  return jax.tree.map(
+    lambda g, b: jnp.concatenate([g[:position], b[None], g[position:]]), grads_seq, bad
+  )
+
+
+def _recorder(calls=8):
+  """An inner transformation that records the ``value`` (and ``tag``) it receives in its
+  state and emits minus the gradient it receives (sgd(1))."""
+
+  def init(params):
+    del params
+    return {"value": jnp.zeros(calls), "tag": jnp.zeros(calls), "n": jnp.zeros([], jnp.int32)}
+
+  def update(updates, state, params=None, *, value, tag=0.0, **extra):
+    n = state["n"]
+    return jax.tree.map(jnp.negative, updates), {
+      "value": state["value"].at[n].set(value),
+      "tag": state["tag"].at[n].set(tag),
+      "n": n + 1,
+    }
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _np_windows(ks, keep, weights, values):
+  """NumPy float64: the weighted mean of ``values`` of each completed window (dropped calls,
+  ``keep[i]`` False, neither added nor counted) and the calls that emit."""
+  means, emits, n, acc, total, count = [], [], 0, 0.0, 0.0, 0
+  for i, (kept, w, v) in enumerate(zip(keep, weights, values, strict=True)):
+    if not kept or n == len(ks):
+      continue
+    acc, total, count = acc + w * v, total + w, count + 1
+    if count == ks[n]:
+      means.append(acc / total if total > 0 else 0.0)
+      emits.append(i)
+      acc, total, count, n = 0.0, 0.0, 0, n + 1
+  return np.array(means), emits
+
+
+def test_skip_if_drops_a_micro_batch_exactly_as_a_nonfinite_one():
+  """A spike dropped by skip_if and a NaN dropped by skip_nonfinite at the same call (with a
+  weight of its own) give the same updates and states at every call, and both equal the
+  NumPy run without that micro-batch."""
+  clean = _grads_seq(6, seed=20)
+  weights = np.array([1.0, 2.0, 5.0, 0.5, 3.0, 1.0, 2.0], np.float32)  # 5.0: the dropped one
+  kept_weights = np.delete(weights, 2)
+  spike = jax.tree.map(lambda g: g[0] * 1e4, clean)
+  nan = jax.tree.map(lambda g: g[0] * jnp.nan, clean)
+  skipped_by_if = _calls(
+    od.accumulate(optax.adam(0.05), 3, skip_if=_SPIKE), _insert(clean, 2, spike), weight=weights
+  )
+  skipped_as_nan = _calls(
+    od.accumulate(optax.adam(0.05), 3, skip_nonfinite=True),
+    _insert(clean, 2, nan),
+    weight=weights,
+  )
+  for a, b in zip(skipped_by_if[3], skipped_as_nan[3], strict=True):
+    assert_trees_close(a, b, rtol=0)
+  np.testing.assert_array_equal(skipped_by_if[2], skipped_as_nan[2])
+  state = skipped_by_if[1]
+  assert int(state.num_skipped) == 1 and int(state.step) == 2 and int(state.micro_step) == 0
+  assert [bool(s.emitted) for s in skipped_by_if[3]] == [False] * 3 + [True] + [False] * 2 + [
+    True
+  ]
+  theta, ref_updates = _reference_run(_np_adam(0.05), PARAMS, clean, [3, 3], kept_weights)
+  np.testing.assert_allclose(_flat(skipped_by_if[0]), theta, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.delete(skipped_by_if[2], 2, 0), ref_updates, rtol=1e-4, atol=1e-7
+  )
+  assert not np.any(skipped_by_if[2][2])  # the skipped call emits zeros
+
+
+def test_skip_if_and_skip_nonfinite_together_drop_both():
+  clean = _grads_seq(4, seed=21)
+  spike = jax.tree.map(lambda g: g[0] * 1e4, clean)
+  nan = jax.tree.map(lambda g: g[1] * jnp.nan, clean)
+  grads = _insert(_insert(clean, 1, spike), 4, nan)  # c0 spike c1 c2 NaN c3
+  tx = od.accumulate(optax.sgd(0.5), 2, skip_nonfinite=True, skip_if=_SPIKE)
+  params, state, updates, _ = _calls(tx, grads)
+  assert int(state.num_skipped) == 2 and int(state.step) == 2
+  theta, ref_updates = _reference_run(_np_sgd(0.5), PARAMS, clean, [2, 2])
+  np.testing.assert_allclose(_flat(params), theta, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates[[0, 2, 3, 5]], ref_updates, rtol=1e-5, atol=1e-7)
+  # Without skip_nonfinite, skip_if alone lets the NaN through (its norm is not > 100).
+  _, _, updates, _ = _calls(od.accumulate(optax.sgd(0.5), 2, skip_if=_SPIKE), grads)
+  assert np.all(np.isnan(updates[4]))
+
+
+def test_skip_if_sees_the_params():
+  """skip_if(updates, params) gets the params given to update: here it skips while w[0] > 0."""
+  tx = od.accumulate(optax.sgd(1.0), 1, skip_if=lambda g, p: p[0] > 0)
+  state = tx.init(jnp.zeros(1))
+  updates, state = tx.update(jnp.ones(1), state, jnp.array([1.0]))
+  assert float(updates[0]) == 0.0 and int(state.num_skipped) == 1
+  updates, state = tx.update(jnp.ones(1), state, jnp.array([-1.0]))
+  assert float(updates[0]) == -1.0 and int(state.num_skipped) == 1
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_reduction_sum_equals_numpy_reference(k):
+  grads = _grads_seq(3 * k + 1, seed=22)
+  weights = np.linspace(0.5, 3.0, 3 * k + 1).astype(np.float32)
+  tx = od.accumulate(optax.sgd(0.1), k, reduction="sum")
+  params, state, updates, _ = _calls(tx, grads, weight=weights)
+  theta, ref_updates = _reference_run(_np_sgd(0.1), PARAMS, grads, [k] * 4, weights, "sum")
+  np.testing.assert_allclose(updates, ref_updates, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_flat(params), theta, rtol=1e-5, atol=1e-6)
+  # With weights 1 the sum is k times the mean.
+  _, _, mean_updates = run_scan(od.accumulate(optax.sgd(0.1), k), PARAMS, grads)
+  _, _, sum_updates = run_scan(tx, PARAMS, grads)
+  np.testing.assert_allclose(
+    _as_flat_updates(sum_updates), k * _as_flat_updates(mean_updates), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_reduction_sum_keeps_the_gradient_dtype():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+  grads = jax.tree.map(lambda p: p * 0.5, params)
+  tx = od.accumulate(optax.adam(1e-2), 2, reduction="sum")
+  assert_keeps_dtype(tx, params, grads)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tx.init(params).acc_grads))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mean_extra_args_reach_the_inner_update_as_the_weighted_window_mean(reduction):
+  """The recorder sees each window's weighted mean of value (the skipped call's value, 1e6,
+  is not added) with either reduction; tag, not named, is the emitting call's value."""
+  grads = _grads_seq(7, seed=23)
+  grads = jax.tree.map(lambda g: g.at[3].mul(1e4), grads)  # call 3 spikes: skipped
+  weights = np.array([1.0, 3.0, 2.0, 7.0, 0.5, 4.0, 1.5], np.float32)
+  values = np.array([2.0, 1.0, 5.0, 1e6, 3.0, -1.0, 8.0], np.float32)
+  tags = np.arange(7, dtype=np.float32)
+  tx = od.accumulate(
+    _recorder(), 3, skip_if=_SPIKE, reduction=reduction, mean_extra_args=("value",)
+  )
+  _, state, updates, _ = _calls(tx, grads, weight=weights, value=values, tag=tags)
+  keep = [i != 3 for i in range(7)]
+  means, emits = _np_windows([3, 3], keep, weights.astype(np.float64), values)
+  assert emits == [2, 6]
+  recorded = state.inner_state
+  assert int(recorded["n"]) == 2
+  np.testing.assert_allclose(recorded["value"][:2], means, rtol=1e-6)
+  np.testing.assert_array_equal(recorded["tag"][:2], tags[emits])
+  assert state.acc_extra["value"].dtype == jnp.float32
+  assert float(state.acc_extra["value"]) == 0.0  # zeroed by the emit
+  # The gradients: the same windows, summed or averaged.
+  kept = jax.tree.map(lambda g: jnp.delete(g, 3, axis=0), grads)
+  kept_weights = np.delete(weights, 3)
+  _, ref_updates = _reference_run(_np_sgd(1.0), PARAMS, kept, [3, 3], kept_weights, reduction)
+  np.testing.assert_allclose(np.delete(updates, 3, 0), ref_updates, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_of_zero_weights_gives_a_zero_mean_value():
+  tx = od.accumulate(_recorder(), 2, mean_extra_args=("value",))
+  state = tx.init(jnp.zeros(1))
+  for v in (3.0, 5.0):
+    _, state = tx.update(jnp.ones(1), state, weight=0.0, value=v)
+  assert float(state.inner_state["value"][0]) == 0.0
+
+
+def test_reduce_on_plateau_sees_the_window_mean_of_the_loss():
+  """optax.contrib.reduce_on_plateau inside: its best value is the window's weighted mean of
+  the losses (1.5), not the last micro-batch's loss (1.0)."""
+  inner = optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=1))
+  params = jnp.zeros(2)
+  for names, best in (((), 1.0), (("value",), 1.5)):
+    tx = od.accumulate(inner, 2, mean_extra_args=names)
+    state = tx.init(params)
+    for loss, weight in ((3.0, 1.0), (1.0, 3.0)):
+      _, state = tx.update(jnp.ones(2), state, params, value=loss, weight=weight)
+    plateau = state.inner_state[1]
+    np.testing.assert_allclose(plateau.best_value, best, rtol=1e-6)
+    assert int(plateau.plateau_count) == 0
+
+
+def test_mean_extra_args_of_integer_and_bool_values_are_floats():
+  tx = od.accumulate(_recorder(), 2, mean_extra_args=("value",))
+  state = tx.init(jnp.zeros(1))
+  _, state = tx.update(jnp.ones(1), state, value=1)
+  _, state = tx.update(jnp.ones(1), state, value=jnp.array(True))
+  assert float(state.inner_state["value"][0]) == 1.0
+  state = tx.init(jnp.zeros(1))
+  _, state = tx.update(jnp.ones(1), state, value=1)
+  _, state = tx.update(jnp.ones(1), state, value=2)
+  assert float(state.inner_state["value"][0]) == 1.5
+
+
+def test_every_k_schedule_with_the_window_options():
+  """k = 1 for two real updates, then 3, with a skipped spike, sums and a mean value."""
+  every_k = lambda step: jnp.where(step < 2, 1, 3)
+  clean = _grads_seq(8, seed=24)
+  grads = _insert(clean, 3, jax.tree.map(lambda g: g[0] * 1e4, clean))
+  values = np.arange(9, dtype=np.float32)
+  weights = np.array([1.0, 2.0, 1.0, 9.0, 3.0, 0.5, 1.0, 2.0, 4.0], np.float32)
+  tx = od.accumulate(
+    _recorder(), every_k, skip_if=_SPIKE, reduction="sum", mean_extra_args=("value",)
+  )
+  params, state, updates, states = _calls(tx, grads, weight=weights, value=values)
+  keep = [i != 3 for i in range(9)]
+  means, emits = _np_windows([1, 1, 3, 3], keep, weights.astype(np.float64), values)
+  assert emits == [0, 1, 5, 8]
+  assert [i for i, s in enumerate(states) if bool(s.emitted)] == emits
+  np.testing.assert_allclose(state.inner_state["value"][:4], means, rtol=1e-6)
+  assert int(state.step) == 4 and int(state.micro_step) == 0 and int(state.num_skipped) == 1
+  kept_weights = np.delete(weights, 3)
+  theta, ref_updates = _reference_run(
+    _np_sgd(1.0), PARAMS, clean, [1, 1, 3, 3], kept_weights, "sum"
+  )
+  np.testing.assert_allclose(np.delete(updates, 3, 0), ref_updates, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_flat(params), theta, rtol=1e-5, atol=1e-5)
+
+
+def test_the_window_options_are_stable_under_jit_and_scan():
+  """The new state field keeps its structure and dtypes through lax.scan (values per step)."""
+  tx = od.accumulate(
+    optax.chain(optax.clip_by_global_norm(1.0), _recorder(16)),
+    3,
+    skip_if=_SPIKE,
+    reduction="sum",
+    mean_extra_args=("value", "lr_scale"),
+  )
+  grads = _grads_seq(10, seed=25)
+  values = jnp.linspace(1.0, 10.0, 10)
+
+  def step(carry, xs):
+    params, state = carry
+    g, v = xs
+    updates, state = tx.update(g, state, params, value=v, lr_scale=2 * v, weight=v)
+    return (optax.apply_updates(params, updates), state), updates
+
+  init = (PARAMS, tx.init(PARAMS))
+  (_, state), _ = jax.jit(lambda c, xs: jax.lax.scan(step, c, xs))(init, (grads, values))
+  assert jax.tree.structure(state) == jax.tree.structure(init[1])
+  assert sorted(state.acc_extra) == ["lr_scale", "value"]
+  assert shapes_and_dtypes(state) == shapes_and_dtypes(init[1])
+  assert int(state.step) == 3 and int(state.micro_step) == 1
+  np.testing.assert_allclose(state.acc_extra["value"], 10.0 * 10.0, rtol=1e-6)  # w = v = 10
+  means, _ = _np_windows([3] * 3, [True] * 10, np.linspace(1, 10, 10), np.linspace(1, 10, 10))
+  np.testing.assert_allclose(state.inner_state[1]["value"][:3], means, rtol=1e-6)
+  assert_state_stable(
+    tx, PARAMS, jax.tree.map(lambda g: g[0], grads), value=1.0, lr_scale=2.0, weight=2.0
+  )
+
+
+def test_the_extra_sums_widen_with_the_weights_under_x64():
+  with jax.enable_x64(True):
+    params = {"w": jnp.zeros(2, jnp.float64)}
+    tx = od.accumulate(_recorder(), 2, mean_extra_args=("value",))
+    state = tx.init(params)
+    assert state.acc_extra["value"].dtype == jnp.float64 == state.acc_weight.dtype
+    _, state = tx.update({"w": jnp.ones(2, jnp.float64)}, state, value=jnp.float64(1 / 3))
+    _, state = tx.update({"w": jnp.ones(2, jnp.float64)}, state, value=jnp.float64(1 / 7))
+    # the float64 mean, exact to float64 rounding
+    np.testing.assert_allclose(state.inner_state["value"][0], (1 / 3 + 1 / 7) / 2, rtol=1e-15)
+    bf16 = {"w": jnp.zeros(2, jnp.bfloat16)}
+    state = tx.init(bf16)
+    assert state.acc_extra["value"].dtype == jnp.float32
+
+
+def test_a_state_built_positionally_from_the_seven_fields_still_works():
+  tx = od.accumulate(optax.adam(1e-2), 2)
+  state = od.AccumulateState(*tx.init(PARAMS)[:7])
+  assert state.acc_extra == {}
+  assert jax.tree.structure(state) == jax.tree.structure(tx.init(PARAMS))
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  _, state = jax.jit(tx.update)(grads, state, PARAMS)
+  updates, state = jax.jit(tx.update)(grads, state, PARAMS)
+  assert bool(od.has_updated(state)) and state.acc_extra == {}
+
+
+def test_checkpoint_round_trip_with_mean_extra_args():
+  from flax import serialization
+
+  tx = od.accumulate(optax.adam(1e-2), 3, mean_extra_args=("value",))
+  state = tx.init(PARAMS)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  _, state = tx.update(grads, state, PARAMS, value=2.0, weight=3.0)
+  restored = serialization.from_bytes(tx.init(PARAMS), serialization.to_bytes(state))
+  assert_trees_close(restored, state, rtol=0)
+  assert float(restored.acc_extra["value"]) == 6.0
+
+
+def test_inject_hyperparams_with_skip_if_as_a_static_arg():
+  tx = optax.inject_hyperparams(od.accumulate, static_args=("skip_if",))(
+    optax.sgd(1.0), every_k=2, skip_if=_SPIKE, mean_extra_args=("value",), reduction="sum"
+  )
+  _, state, updates = run_scan(
+    tx, jnp.zeros(1), jnp.array([[1.0], [1e4], [3.0], [5.0], [7.0]]), value=1.0
+  )
+  np.testing.assert_allclose(updates[:, 0], [0.0, 0.0, -4.0, 0.0, -12.0])
+  assert int(optax.tree.get(state, "num_skipped")) == 1
+
+
+def test_vmap_with_the_window_options_gives_the_unbatched_results():
+  tx = od.accumulate(_recorder(), 2, skip_if=_SPIKE, mean_extra_args=("value",))
+  params = jnp.zeros((3, 2))
+  grads = jnp.asarray(np.random.default_rng(26).normal(size=(4, 3, 2)), jnp.float32)
+  grads = grads.at[1, 0].set(1e4)  # row 0 skips its second call
+  values = jnp.arange(12.0).reshape(4, 3)
+  state = jax.vmap(tx.init)(params)
+  update = jax.jit(jax.vmap(lambda g, s, p, v: tx.update(g, s, p, value=v)))
+  for i in range(4):
+    _, state = update(grads[i], state, params, values[i])
+  np.testing.assert_array_equal(state.num_skipped, [1, 0, 0])
+  for row in range(3):
+    row_state = tx.init(params[row])
+    for i in range(4):
+      _, row_state = tx.update(grads[i, row], row_state, params[row], value=values[i, row])
+    assert_trees_close(jax.tree.map(lambda x, r=row: x[r], state), row_state, rtol=1e-6)
+
+
+# The window options: validation.
+
+
+@pytest.mark.parametrize("skip_if", [3, "norm > 100", True])
+def test_bad_skip_if_raises(skip_if):
+  with pytest.raises(ValueError, match=r"^od\.accumulate: skip_if must be None or a callable"):
+    od.accumulate(optax.sgd(0.1), 2, skip_if=skip_if)
+
+
+@pytest.mark.parametrize("reduction", ["max", "MEAN", None, 1])
+def test_bad_reduction_raises(reduction):
+  with pytest.raises(
+    ValueError, match=r"^od\.accumulate: reduction must be one of \('mean', 'sum'\), got"
+  ):
+    od.accumulate(optax.sgd(0.1), 2, reduction=reduction)
+
+
+@pytest.mark.parametrize(
+  "names, message",
+  [
+    ("value", "must be a sequence of names, not a string"),
+    (None, "must be a sequence of keyword argument names"),
+    ((1,), "must be a sequence of keyword argument names"),
+    (("value", ""), "must be a sequence of keyword argument names"),
+    ({"value"}, "must be a sequence of keyword argument names"),
+    (("value", "value"), "must not repeat a name"),
+    (("weight",), "must not name 'weight'"),
+  ],
+)
+def test_bad_mean_extra_args_raise(names, message):
+  with pytest.raises(ValueError, match=rf"^od\.accumulate: mean_extra_args {message}"):
+    od.accumulate(optax.sgd(0.1), 2, mean_extra_args=names)
+
+
+@pytest.mark.parametrize(
+  "result, message",
+  [
+    (lambda g: jnp.ones(2, jnp.bool_), r"got shape \(2,\)"),
+    (lambda g: "yes", "got str 'yes'"),
+    (lambda g: None, "got NoneType None"),
+    (lambda g: jnp.array(1j), "got dtype complex64"),
+  ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_bad_skip_if_result_raises_at_trace_time(result, message, jit):
+  tx = od.accumulate(optax.sgd(0.1), 2, skip_if=lambda g, p: result(g))
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(
+    ValueError, match=rf"^od\.accumulate: skip_if must return a bool scalar, {message}"
+  ):
+    update(jnp.ones(2), tx.init(jnp.zeros(2)))
+
+
+def test_number_results_of_skip_if_are_truth_values():
+  for result, skipped in ((0, 0), (1, 1), (0.0, 0), (2.5, 1)):
+    tx = od.accumulate(optax.sgd(0.1), 1, skip_if=lambda g, p, r=result: r)
+    _, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+    assert int(state.num_skipped) == skipped, result
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    ({}, r"mean_extra_args names 'value', but update got no value= argument"),
+    ({"loss": 1.0}, r"mean_extra_args names 'value', .* \(got \['loss'\]\)"),
+    (
+      {"value": jnp.ones(2)},
+      r"value= \(in mean_extra_args\) must be a scalar, got shape \(2,\)",
+    ),
+    ({"value": "low"}, r"value= \(in mean_extra_args\) must be a real scalar, got 'low'"),
+    ({"value": 1j}, r"value= \(in mean_extra_args\) must be a real scalar"),
+  ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_missing_or_bad_mean_extra_arg_raises(extra, message, jit):
+  tx = od.accumulate(optax.sgd(0.1), 2, mean_extra_args=("value",))
+  if jit and isinstance(extra.get("value"), str):
+    pytest.skip("a string is no jit argument")
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match=rf"^od\.accumulate: {message}"):
+    update(jnp.ones(2), tx.init(jnp.zeros(2)), **extra)

@@ -57,13 +57,37 @@ CASES = {
   "accumulate_skip_nonfinite": Case(
     lambda: od.accumulate(_ADAM(), 2, skip_nonfinite=True), ("od.accumulate",), nan="skipped"
   ),
+  "accumulate_skip_if_sum": Case(
+    lambda: od.accumulate(
+      _ADAM(), 2, skip_if=lambda g, p: optax.tree.norm(g) > 1e6, reduction="sum"
+    ),
+    ("od.accumulate",),
+  ),
   "lookahead": Case(lambda: od.lookahead(_ADAM(), 2, 0.5), ("od.lookahead",)),
   "param_ema": Case(lambda: optax.chain(optax.sgd(0.1), od.param_ema(0.9)), ("od.param_ema",)),
+  "param_ema_scheduled": Case(
+    lambda: optax.chain(
+      optax.sgd(0.1),
+      od.param_ema(od.ema_warmup(0.99), debias=False, start_step=1, every=2, overwrite_every=3),
+    ),
+    ("od.param_ema",),
+  ),
+  "param_ema_power": Case(
+    lambda: optax.chain(
+      optax.sgd(0.1), od.param_ema(od.power_ema_decay(0.1), every=2, overwrite_every=2)
+    ),
+    ("od.param_ema",),
+  ),
+  "swa": Case(lambda: optax.chain(optax.sgd(0.1), od.swa(start_step=1, every=2)), ("od.swa",)),
   "lazy": Case(lambda: od.lazy(_ADAM()), ("od.lazy",)),
   "lazy_freeze": Case(lambda: od.lazy(_ADAM(), include="emb", freeze_state=True), ("od.lazy",)),
   "clip_norm": Case(lambda: od.clip_norm(1.0), None),
   "clip_norm_soft_row": Case(lambda: od.clip_norm(1.0, soft=True, scope="row"), None),
   "zclip": Case(lambda: optax.chain(od.zclip(warmup_steps=2), optax.sgd(0.1)), None),
+  # No rule: the state follows the params (tests/test_shard_state.py shards it).
+  "shard_state": Case(
+    lambda: od.shard_state(_ADAM(), lambda path, p: None), ("od.shard_state",)
+  ),
   "zclip_reciprocal": Case(
     lambda: optax.chain(od.zclip(1.0, warmup_steps=1, reciprocal=True), _ADAM()), None
   ),
@@ -612,11 +636,60 @@ BAD_HYPERPARAMETERS = [
   (od.param_ema, dict(decay=1.0), "decay"),
   (od.param_ema, dict(decay=-0.1), "decay"),
   (od.param_ema, dict(decay=math.nan), "decay"),
-  (od.param_ema, dict(decay=lambda count: 0.9), "decay"),
   (od.param_ema, dict(decay="0.9"), "decay"),
   (od.param_ema, dict(decay=np.array([0.9, 0.99])), "decay"),
   (od.param_ema, dict(decay=0.9, debias="no"), "debias"),
+  (od.param_ema, dict(start_step=-1), "start_step"),
+  (od.param_ema, dict(start_step=1.5), "start_step"),
+  (od.param_ema, dict(start_step=lambda count: 0), "start_step"),
+  (od.param_ema, dict(every=0), "every"),
+  (od.param_ema, dict(every=2.0), "every"),
+  (od.param_ema, dict(overwrite_every=0), "overwrite_every"),
+  (od.param_ema, dict(overwrite_every=True), "overwrite_every"),
+  (od.ema_warmup, dict(max_decay=1.0), "max_decay"),
+  (od.ema_warmup, dict(max_decay=-0.1), "max_decay"),
+  (od.ema_warmup, dict(max_decay=lambda count: 0.9), "max_decay"),
+  (od.ema_warmup, dict(gamma=0.0), "gamma"),
+  (od.ema_warmup, dict(gamma=math.inf), "gamma"),
+  (od.ema_warmup, dict(power=0.0), "power"),
+  (od.ema_warmup, dict(power=math.nan), "power"),
+  (od.ema_warmup, dict(min_decay=-0.1), "min_decay"),
+  (od.ema_warmup, dict(max_decay=0.9, min_decay=0.95), "min_decay"),
+  (od.power_ema_decay, dict(sigma_rel=0.0), "sigma_rel"),
+  (od.power_ema_decay, dict(sigma_rel=0.3), "sigma_rel"),
+  (od.power_ema_decay, dict(sigma_rel=math.nan), "sigma_rel"),
+  (od.power_ema_decay, dict(sigma_rel="0.1"), "sigma_rel"),
+  (od.swa, dict(start_step=-1), "start_step"),
+  (od.swa, dict(start_step=2.5), "start_step"),
+  (od.swa, dict(every=0), "every"),
+  (od.swa, dict(every="2"), "every"),
   (od.accumulate, dict(inner=optax.sgd(1.0), every_k=2, skip_nonfinite="no"), "skip_nonfinite"),
+  (od.accumulate, dict(inner=optax.sgd(1.0), every_k=2, skip_if=3), "skip_if"),
+  (od.accumulate, dict(inner=optax.sgd(1.0), every_k=2, reduction="max"), "reduction"),
+  (
+    od.accumulate,
+    dict(inner=optax.sgd(1.0), every_k=2, mean_extra_args="value"),
+    "mean_extra_args",
+  ),
+  (
+    od.accumulate,
+    dict(inner=optax.sgd(1.0), every_k=2, mean_extra_args=("value", "value")),
+    "mean_extra_args",
+  ),
+  (
+    od.accumulate,
+    dict(inner=optax.sgd(1.0), every_k=2, mean_extra_args=("weight",)),
+    "mean_extra_args",
+  ),
+  (
+    od.accumulate,
+    dict(inner=optax.sgd(1.0), every_k=2, mean_extra_args=(1,)),
+    "mean_extra_args",
+  ),
+  (od.shard_state, dict(inner=optax.adam, sharding=lambda path, p: None), "inner"),
+  (od.shard_state, dict(inner=optax.sgd(1.0), sharding="data"), "sharding"),
+  (od.shard_state, dict(inner=optax.sgd(1.0), sharding={"w": 3}), "sharding"),
+  (od.shard_state, dict(inner=optax.sgd(1.0), sharding=lambda path, p: None, mesh="x"), "mesh"),
   (od.lookahead, dict(inner=optax.sgd(1.0), slow_step_size="0.5"), "slow_step_size"),
   (
     od.lookahead,
@@ -663,6 +736,7 @@ BAD_HYPERPARAMETERS = [
   (od.derive, dict(learning_rate=1e-3, grad_accum_steps=0), "grad_accum_steps"),
   (od.derive, dict(learning_rate=1e-3, weight_decay=-1.0), "weight_decay"),
   (od.derive, dict(learning_rate=1e-3, ema=1.0), "ema"),
+  (od.derive, dict(learning_rate=1e-3, ema="0.9"), "ema"),
   (od.derive, dict(learning_rate=1e-3, clip=0.0), "clip"),
   (od.derive, dict(learning_rate=1e-3, lookahead=(2,)), "lookahead"),
   (
@@ -827,7 +901,8 @@ def test_the_catalogue_covers_every_public_factory():
     "od.piecewise_linear", "od.derive", "od.exponentiated_gradient", "od.eg_plus_minus",
     "od.eg_step_size", "od.ode.runge_kutta", "od.ode.heun", "od.ode.rk23", "od.ode.rk45",
     "od.ode.as_transformation", "od.sparse.row_sparse_grad", "od.zclip", "od.autoclip",
-    "od.adaptive_grad_clip", "od.skip_spikes", "od.dynamic_loss_scale",
+    "od.adaptive_grad_clip", "od.skip_spikes", "od.dynamic_loss_scale", "od.swa",
+    "od.ema_warmup", "od.power_ema_decay", "od.shard_state",
   }  # fmt: skip
   assert public <= factories, public - factories
 
@@ -846,8 +921,9 @@ def test_invalid_params_at_init_raise_value_error_naming_the_transformation():
     od.weight_decay(0.1),
     od.param_ema(0.9),
     od.adaptive_grad_clip(0.01),
+    od.swa(),
   ],
-  ids=["lookahead", "weight_decay", "param_ema", "adaptive_grad_clip"],
+  ids=["lookahead", "weight_decay", "param_ema", "adaptive_grad_clip", "swa"],
 )
 def test_a_missing_params_argument_raises_value_error(tx):
   params = {"w": jnp.ones(3)}

@@ -378,3 +378,39 @@ def test_the_guards_go_outermost_and_equal_the_explicit_composition():
     od.derive(1e-2, skip_spikes=dict(window=0))
   with pytest.raises(ValueError, match=r"od.derive: dynamic_loss_scale must be True or a dict"):
     od.derive(1e-2, dynamic_loss_scale=2.0**15)
+
+
+@pytest.mark.parametrize(
+  "ema, read, count",
+  [
+    (od.ema_warmup(0.99), od.ema_params, 6),  # a schedule: od.param_ema(schedule)
+    (od.param_ema(od.power_ema_decay(0.1), debias=False, every=2), od.ema_params, 3),
+    (od.swa(start_step=2), od.swa_params, 4),
+  ],
+  ids=["schedule", "param_ema", "swa"],
+)
+def test_ema_may_be_a_schedule_or_an_averaging_transformation(ema, read, count):
+  params, steps = _params(), 18
+  grads = _grads(params, steps)
+  kwargs = dict(weight_decay=0.01, lookahead=(2, 0.5))
+  derived = od.derive(1e-2, **kwargs, ema=ema, grad_accum_steps=3)
+  averaging = ema if isinstance(ema, optax.GradientTransformation) else od.param_ema(ema)
+  explicit = od.accumulate(optax.chain(od.derive(1e-2, **kwargs), averaging), 3)
+  p1, s1 = _run(derived, params, grads, steps)
+  p2, s2 = _run(explicit, params, grads, steps)
+  assert_trees_close(p1, p2, rtol=0, atol=0)
+  assert_trees_close(read(s1, p1), read(s2, p2), rtol=0, atol=0)
+  # The average is last inside the accumulation: it moved off the params, on real updates.
+  assert not np.allclose(read(s1, p1)["head"]["kernel"], p1["head"]["kernel"])
+  assert int(s1.inner_state[1].count) == count  # of 6 real updates
+
+
+def test_a_float_ema_is_param_ema_of_it():
+  params, steps = _params(), 6
+  grads = _grads(params, steps)
+  p1, s1 = _run(od.derive(1e-2, ema=0.9), params, grads, steps)
+  p2, s2 = _run(optax.chain(od.derive(1e-2), od.param_ema(0.9)), params, grads, steps)
+  assert_trees_close(p1, p2, rtol=0, atol=0)
+  assert_trees_close(s1, s2, rtol=0, atol=0)
+  with pytest.raises(ValueError, match=r"^od\.derive: ema must be a real number or a schedule"):
+    od.derive(1e-2, ema="0.9")

@@ -168,7 +168,9 @@ def test_before_any_update_the_params_are_returned(debias):
 def test_state_fields_and_init():
   params = params32()
   state = od.param_ema(0.9).init(params)
-  assert state._fields == ("count", "ema", "log_zero_weight", "log_zero_weight_compensation")
+  assert state._fields == (
+    "count", "ema", "log_zero_weight", "log_zero_weight_compensation", "calls"
+  )  # fmt: skip
   assert_trees_close(state.ema, jax.tree.map(jnp.zeros_like, params))
   assert state.count.dtype == jnp.int32
   assert_trees_close(od.param_ema(0.9, debias=False).init(params).ema, params)
@@ -384,3 +386,393 @@ def test_float64_averages_keep_float64_precision():
       m = decay * m + (1 - decay) * p
     got = od.ema_params(state, params)
     np.testing.assert_allclose(got, m / (1 - decay**steps), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decay schedules, start_step, every, overwrite_every: against a float64 reference of training.
+
+TARGET = {"w": np.array([[0.5, 1.0, -1.0], [2.0, -0.5, 0.0]]), "b": np.array([-1.0, 1.0])}
+
+
+class NpSgd:
+  def __call__(self, g):
+    return {k: -0.1 * v for k, v in g.items()}
+
+
+class NpAdam:
+  """optax.adam(0.05) from Kingma and Ba's formulas."""
+
+  def __init__(self, lr=0.05, b1=0.9, b2=0.999, eps=1e-8):
+    self.lr, self.b1, self.b2, self.eps, self.k, self.m, self.v = lr, b1, b2, eps, 0, {}, {}
+
+  def __call__(self, g):
+    self.k += 1
+    out = {}
+    for key, x in g.items():
+      self.m[key] = self.b1 * self.m.get(key, 0.0) + (1 - self.b1) * x
+      self.v[key] = self.b2 * self.v.get(key, 0.0) + (1 - self.b2) * x**2
+      m_hat = self.m[key] / (1 - self.b1**self.k)
+      v_hat = self.v[key] / (1 - self.b2**self.k)
+      out[key] = -self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+    return out
+
+
+# (reference, transformation, atol): float32 Adam drifts from float64 Adam by ~1e-5 within 40
+# steps near the optimum (its normalised step amplifies the rounding of small gradients); an
+# averaging rule off by one call or one update is off by 2e-2 or more.
+OPTIMIZERS = {
+  "sgd": (NpSgd, lambda: optax.sgd(0.1), 2e-6),
+  "adam": (NpAdam, lambda: optax.adam(0.05), 1e-4),
+}
+
+
+class NpParamEma:
+  """od.param_ema from its definition, in float64: ``(params, new params) -> (the params
+  after the call, the averaged params)``. Each decay is rounded to float32, the value the
+  float32 computation sees."""
+
+  def __init__(self, decay, *, debias=True, start_step=0, every=1, overwrite_every=None):
+    self.decay = decay if callable(decay) else lambda n: decay
+    self.debias, self.start_step, self.every = debias, start_step, every
+    self.overwrite_every = overwrite_every
+    self.t = self.n = 0
+    self.zero_weight = 1.0
+    self.m = None
+
+  def __call__(self, old, new):
+    if self.m is None:
+      self.m = {k: np.zeros_like(v) if self.debias else v.copy() for k, v in old.items()}
+    t = self.t
+    self.t += 1
+    if t >= self.start_step and (t - self.start_step) % self.every == 0:
+      mu = float(np.float32(self.decay(self.n)))
+      self.m = {k: mu * self.m[k] + (1 - mu) * new[k] for k in new}
+      self.zero_weight *= mu
+      self.n += 1
+    elif t < self.start_step and not self.debias:
+      self.m = {k: v.copy() for k, v in new.items()}
+    if self.n == 0:
+      averaged = new
+    else:
+      scale = 1 / (1 - self.zero_weight) if self.debias else 1.0
+      averaged = {k: v * scale for k, v in self.m.items()}
+    if self.overwrite_every is not None and (t + 1) % self.overwrite_every == 0:
+      return averaged, averaged
+    return new, averaged
+
+
+def np_train(noise, optimizer, averager, every_k=1):
+  """float64 training on ``L = ½‖θ − target‖²`` with noisy gradients, ``every_k``
+  micro-batches (their mean gradient) per update: the params and the averaged params after
+  each update."""
+  theta = {k: np.asarray(v, np.float64) for k, v in THETA0.items()}
+  history = []
+  for start in range(0, len(noise["w"]), every_k):
+    g = {
+      k: theta[k]
+      - TARGET[k]
+      + np.asarray(noise[k][start : start + every_k], np.float64).mean(0)
+      for k in theta
+    }
+    update = optimizer(g)
+    theta, averaged = averager(theta, {k: theta[k] + update[k] for k in theta})
+    history.append((theta, averaged))
+  return history
+
+
+def run_training(tx, noise, read, every_k=1):
+  """The same training with ``tx`` under ``jit(lax.scan)``: the params and ``read(state,
+  params)`` after each update (the last call of each window)."""
+  target = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), TARGET)
+
+  def step(carry, n):
+    params, state = carry
+    grads = jax.tree.map(lambda p, t, z: p - t + z, params, target, n)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, state), (params, read(state, params))
+
+  params = params32()
+  (_, state), (history, averaged) = jax.jit(lambda c, ns: jax.lax.scan(step, c, ns))(
+    (params, tx.init(params)), jax.tree.map(jnp.asarray, noise)
+  )
+  pick = lambda tree, i: jax.tree.map(lambda x: x[(i + 1) * every_k - 1], tree)  # noqa: E731
+  return state, [
+    (pick(history, i), pick(averaged, i)) for i in range(len(noise["w"]) // every_k)
+  ]
+
+
+def timm_decay(step, max_decay=0.9999, gamma=1.0, power=2 / 3, min_decay=0.0):
+  """timm ``ModelEmaV3.get_decay`` with warmup, as written there (``step`` after its
+  ``max(0, step - update_after_step - 1)``)."""
+  if step <= 0:
+    return 0.0
+  decay = 1 - (1 + step / gamma) ** -power
+  decay = max(min(decay, max_decay), min_decay)
+  return decay
+
+
+def edm2_gamma(sigma_rel):
+  """EDM2's ``std_to_exp`` (training/phema.py)."""
+  t = sigma_rel**-2
+  return np.roots([1, 7, 16 - t, 12 - t]).real.max()
+
+
+def edm2_beta(sigma_rel, n):
+  """EDM2's ``power_function_beta(std, t)`` at ``t = n + 1``, the update being made."""
+  return (1 - 1 / (n + 1)) ** (edm2_gamma(sigma_rel) + 1)
+
+
+EMA_OPTIONS = {
+  "warmup_no_debias_start_every": (
+    lambda: od.ema_warmup(0.99),
+    lambda n: timm_decay(n, max_decay=0.99),
+    dict(debias=False, start_step=5, every=3),
+  ),
+  "power_debias_every_overwrite": (
+    lambda: od.power_ema_decay(0.1),
+    lambda n: edm2_beta(0.1, n),
+    dict(every=2, overwrite_every=7),
+  ),
+  "constant_start_overwrite": (
+    lambda: 0.9,
+    lambda n: 0.9,
+    dict(start_step=4, overwrite_every=5),
+  ),
+  "constant_no_debias_all": (
+    lambda: 0.8,
+    lambda n: 0.8,
+    dict(debias=False, start_step=3, every=2, overwrite_every=4),
+  ),
+  "custom_schedule": (
+    lambda: lambda n: jnp.minimum(0.5 + 0.05 * n, 0.95),
+    lambda n: min(0.5 + 0.05 * n, 0.95),
+    dict(start_step=2, every=3),
+  ),
+  "defaults": (lambda: 0.9, lambda n: 0.9, dict()),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("options", list(EMA_OPTIONS))
+def test_the_options_match_a_float64_reference_of_training(options, optimizer):
+  make_decay, np_decay, kwargs = EMA_OPTIONS[options]
+  np_optimizer, make_optimizer, atol = OPTIMIZERS[optimizer]
+  noise = random_updates(40, seed=5)
+  tx = optax.chain(make_optimizer(), od.param_ema(make_decay(), **kwargs))
+  state, history = run_training(tx, noise, od.ema_params)
+  averager = NpParamEma(np_decay, **kwargs)
+  reference = np_train(noise, np_optimizer(), averager)
+  for (params, averaged), (want_params, want_averaged) in zip(history, reference, strict=True):
+    assert_trees_close(params, want_params, rtol=2e-5, atol=atol)
+    assert_trees_close(averaged, want_averaged, rtol=2e-5, atol=atol)
+  assert (int(state[1].calls), int(state[1].count)) == (40, averager.n)
+
+
+@pytest.mark.parametrize(
+  "options", ["warmup_no_debias_start_every", "power_debias_every_overwrite"]
+)
+def test_inside_accumulate_the_options_count_real_updates(options):
+  make_decay, np_decay, kwargs = EMA_OPTIONS[options]
+  noise = random_updates(3 * 30, seed=6)
+  tx = od.accumulate(optax.chain(optax.adam(0.05), od.param_ema(make_decay(), **kwargs)), 3)
+  state, history = run_training(tx, noise, od.ema_params, every_k=3)
+  averager = NpParamEma(np_decay, **kwargs)
+  reference = np_train(noise, NpAdam(), averager, every_k=3)
+  atol = OPTIMIZERS["adam"][2]
+  for (params, averaged), (want_params, want_averaged) in zip(history, reference, strict=True):
+    assert_trees_close(params, want_params, rtol=2e-5, atol=atol)
+    assert_trees_close(averaged, want_averaged, rtol=2e-5, atol=atol)
+  ema_state = state.inner_state[1]
+  assert (int(ema_state.calls), int(ema_state.count)) == (30, averager.n)
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(),
+    dict(max_decay=0.999),
+    dict(max_decay=0.99, gamma=10.0, power=0.75, min_decay=0.5),
+    dict(max_decay=0.9, gamma=0.5, power=2.0),
+  ],
+)
+def test_ema_warmup_is_timms_formula(kwargs):
+  schedule = od.ema_warmup(**kwargs)
+  steps = [0, 1, 2, 3, 10, 57, 100, 1000, 31_622, 10**5, 10**6, 10**7]
+  got = [float(schedule(n)) for n in steps]
+  want = [timm_decay(n, **kwargs) for n in steps]
+  np.testing.assert_allclose(got, want, rtol=2e-7)
+  assert got[0] == 0.0  # the first update copies the params, whatever min_decay
+  jitted = jax.jit(schedule)(jnp.asarray(steps, jnp.int32))
+  np.testing.assert_allclose(jitted, want, rtol=2e-7)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.1, 0.15, 0.25])
+def test_power_ema_decay_solves_karras_cubic(sigma_rel):
+  with jax.enable_x64(True):
+    schedule = od.power_ema_decay(sigma_rel)
+    gamma = -np.log2(float(schedule(1))) - 1  # beta(1) = (1/2)^(gamma + 1)
+    t = sigma_rel**-2
+    residual = gamma**3 + 7 * gamma**2 + (16 - t) * gamma + (12 - t)
+    assert abs(residual) <= 1e-9 * (gamma**3 + t * gamma)
+    assert gamma == pytest.approx(edm2_gamma(sigma_rel), rel=1e-12)
+    # The profile's relative width is sigma_rel (EDM2's exp_to_std, equation 123).
+    width = np.sqrt((gamma + 1) / (gamma + 2) ** 2 / (gamma + 3))
+    assert width == pytest.approx(sigma_rel, rel=1e-12)
+    steps = [0, 1, 2, 5, 100, 10**4, 10**6]
+    np.testing.assert_allclose(
+      [float(schedule(n)) for n in steps], [edm2_beta(sigma_rel, n) for n in steps], rtol=1e-12
+    )
+  # float32 without x64, to its precision: a decay enters as mu m + (1 - mu) theta, so its
+  # absolute error is what counts (the tiny decays of a large gamma are 1e-6 off relatively).
+  np.testing.assert_allclose(
+    [float(od.power_ema_decay(sigma_rel)(n)) for n in steps],
+    [edm2_beta(sigma_rel, n) for n in steps],
+    rtol=1e-6,
+    atol=1e-7,
+  )
+
+
+def test_the_edm2_paper_s_gammas():
+  """Karras et al. 2024, section 3.1: sigma_rel 0.05 and 0.10 are gamma 16.97 and 6.94."""
+  with jax.enable_x64(True):
+    for sigma_rel, gamma in ((0.05, 16.97), (0.10, 6.94)):
+      beta1 = float(od.power_ema_decay(sigma_rel)(1))
+      assert round(-np.log2(beta1) - 1, 2) == gamma
+
+
+@pytest.mark.parametrize("debias", [False, True])
+def test_power_ema_is_the_power_function_average(debias):
+  """With beta_n = (1 - 1/(n+1))^(gamma+1) the weights telescope: after N updates
+  m_N = sum_i (i^(gamma+1) - (i-1)^(gamma+1)) theta_i / N^(gamma+1) exactly (about
+  proportional to i^gamma); debiasing changes nothing, as beta_0 = 0."""
+  sigma_rel, steps = 0.15, 50
+  gamma = edm2_gamma(sigma_rel)
+  rng = np.random.default_rng(7)
+  thetas = rng.standard_normal((steps, 4)).astype(np.float32)
+  tx = od.param_ema(od.power_ema_decay(sigma_rel), debias=debias)
+  params = jnp.zeros(4)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for n in range(1, steps + 1):
+    theta = jnp.asarray(thetas[n - 1])
+    _, state = update(theta - params, state, params)  # the params after the update: theta
+    params = theta
+    i = np.arange(1, n + 1, dtype=np.float64)[:, None]
+    weights = (i ** (gamma + 1) - (i - 1) ** (gamma + 1)) / n ** (gamma + 1)
+    want = np.sum(weights * thetas[:n], axis=0)
+    np.testing.assert_allclose(od.ema_params(state, params), want, rtol=2e-5, atol=2e-6)
+
+
+def test_a_power_ema_is_the_same_with_and_without_debiasing():
+  updates = random_updates(30, seed=8)
+  runs = [
+    run_ema(od.param_ema(od.power_ema_decay(0.1), debias=debias), updates)[2]
+    for debias in (True, False)
+  ]
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_call_counter_and_the_count():
+  tx = od.param_ema(0.9, start_step=2, every=3)
+  params = params32()
+  state = tx.init(params)
+  assert state.calls.dtype == jnp.int32 and int(state.calls) == 0
+  counts = []
+  for _ in range(10):
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    counts.append(int(state.count))
+  assert int(state.calls) == 10
+  assert counts == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3]  # calls 2, 5 and 8 are averaged
+
+
+def test_overwrite_lands_the_params_on_the_average_and_passes_other_updates():
+  grads = random_updates(12, seed=9)
+  tx = optax.chain(optax.adam(0.05), od.param_ema(0.8, overwrite_every=4))
+  plain = optax.chain(optax.adam(0.05), od.param_ema(0.8))
+  params, state = params32(), tx.init(params32())
+  plain_state = plain.init(params)
+  for t in range(12):
+    g = jax.tree.map(lambda x, t=t: jnp.asarray(x[t]), grads)
+    updates, state = tx.update(g, state, params)
+    plain_updates, plain_state = plain.update(g, plain_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if (t + 1) % 4 == 0:
+      assert_trees_close(new_params, od.ema_params(state, new_params), rtol=1e-6, atol=1e-7)
+    else:
+      for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(plain_updates), strict=True):
+        np.testing.assert_array_equal(a, b)
+    params = new_params
+    plain_state = state  # the same averages and Adam moments from here
+
+
+def test_overwrite_before_any_average_passes_the_update():
+  tx = od.param_ema(0.9, start_step=5, overwrite_every=2)
+  params = params32()
+  state = tx.init(params)
+  updates = jax.tree.map(lambda p: 0.1 * p, params)
+  for _ in range(4):
+    out, state = tx.update(updates, state, params)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(updates), strict=True):
+      np.testing.assert_array_equal(a, b)
+  assert int(state.count) == 0
+
+
+def test_two_emas_in_one_chain_are_read_by_index():
+  fast, slow = od.param_ema(0.5), od.param_ema(od.ema_warmup(0.99), debias=False, every=2)
+  updates = random_updates(10, seed=10)
+  params, state, _ = run_ema(optax.chain(fast, slow), updates)
+  for index, single in enumerate((fast, slow)):
+    params_single, state_single, _ = run_ema(single, updates)
+    assert_trees_close(
+      od.ema_params(state, params, index=index), od.ema_params(state_single, params_single)
+    )
+  assert_trees_close(od.ema_params(state, params), od.ema_params(state, params, index=0))
+  with pytest.raises(ValueError, match=r"^od\.ema_params: index must be < 2.*, got 2"):
+    od.ema_params(state, params, index=2)
+  with pytest.raises(ValueError, match=r"^od\.ema_params: index must be an integer >= 0"):
+    od.ema_params(state, params, index=-1)
+
+
+def test_bf16_params_keep_float32_averages_with_every_option():
+  params = {"w": jnp.full((4,), 1.0, jnp.bfloat16)}
+  grads = {"w": jnp.full((4,), -1.0, jnp.bfloat16)}
+  ema = od.param_ema(od.power_ema_decay(0.1), debias=False, start_step=1, every=2)
+  tx = optax.chain(optax.sgd(0.01), ema, od.param_ema(0.99, overwrite_every=3))
+  assert_state_stable(tx, params, grads)
+  assert_keeps_dtype(tx, params, grads)
+  final, state, _ = run_scan(tx, params, jax.tree.map(lambda g: jnp.stack([g] * 9), grads))
+  assert state[1].ema["w"].dtype == jnp.float32 and state[2].ema["w"].dtype == jnp.float32
+  assert od.ema_params(state, final, index=1)["w"].dtype == jnp.bfloat16
+
+
+def test_inject_hyperparams_of_the_options_under_jit():
+  """inject_hyperparams passes start_step, every and overwrite_every as arrays (traced under
+  jit): the same results as the plain transformation."""
+  kwargs = dict(start_step=3, every=2, overwrite_every=5)
+  injected = optax.inject_hyperparams(od.param_ema, static_args=("debias", "accumulator_dtype"))
+  updates = random_updates(12, seed=11)
+  want = run_ema(optax.chain(optax.identity(), od.param_ema(0.9, **kwargs)), updates)
+  got = run_ema(optax.chain(optax.identity(), injected(0.9, **kwargs)), updates)
+  assert_trees_close(got[0], want[0], rtol=1e-6)
+  assert_trees_close(got[2], want[2], rtol=1e-6)
+
+
+@hypothesis.settings(deadline=None, max_examples=25)
+@hypothesis.given(
+  value=st.floats(-100.0, 100.0),
+  start_step=st.integers(0, 6),
+  every=st.integers(1, 4),
+  debias=st.booleans(),
+  steps=st.integers(1, 20),
+)
+def test_any_average_of_constant_params_is_that_constant(
+  value, start_step, every, debias, steps
+):
+  tx = od.param_ema(od.ema_warmup(0.99), debias=debias, start_step=start_step, every=every)
+  params = jnp.array([value], jnp.float32)
+  state = tx.init(params)
+  for _ in range(steps):
+    _, state = tx.update(jnp.zeros(1), state, params)
+  np.testing.assert_allclose(od.ema_params(state, params), params, rtol=2e-6, atol=1e-30)

@@ -9,7 +9,7 @@ import optax
 import optaxderived as od
 
 # What the root holds: what goes into optax.chain, its states and accessors, the path helpers,
-# piecewise_linear and derive.
+# the schedules (piecewise_linear, the EMA decays) and derive.
 ROOT = """
   AccumulateState ClipNormState EGPlusMinusState EGStepSizeState ExponentiatedGradientState
   LazyState LearningRateState LookaheadState ParamEmaState Patterns ScaleByPathState
@@ -19,6 +19,8 @@ ROOT = """
   tree_paths weight_decay
   AutoClipState LossScaleState SkipSpikesState ZClipState adaptive_grad_clip autoclip
   dynamic_loss_scale has_skipped loss_scale skip_spikes zclip
+  SWAState ema_warmup power_ema_decay swa swa_params
+  shard_state
 """.split()
 SUBMODULES = {
   "ode": """

@@ -25,6 +25,21 @@ def wide(x: jax.Array) -> jax.Array:
   return x.astype(wide_dtype(x.dtype))
 
 
+def widen_stored(p: jax.Array, dtype: Any) -> jax.Array:
+  """``p`` in ``dtype``, holding the value ``p`` has once stored in its own dtype.
+
+  Under ``jit`` XLA may keep ``params + updates`` in excess precision (bf16 arithmetic
+  done in float32, the rounding to bf16 dropped when the result is widened again), so an
+  average of the params would follow values they never hold; ``reduce_precision`` rounds
+  for sure.
+  """
+  wide = p.astype(dtype)
+  if jnp.issubdtype(p.dtype, jnp.floating) and jnp.finfo(p.dtype).bits < jnp.finfo(dtype).bits:
+    info = jnp.finfo(p.dtype)
+    wide = jax.lax.reduce_precision(wide, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  return wide
+
+
 def sum_of_squares(x: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
   """``Σ |x|²`` over ``axes`` (all by default), in at least float32, complex included.
 

@@ -7,6 +7,8 @@ from typing import TypeVar
 
 import jax
 
+from optaxderived._core import checks
+
 S = TypeVar("S")
 
 
@@ -29,19 +31,27 @@ def find_states(state: Any, state_type: type[S]) -> list[S]:
   return [s for s in jax.tree.leaves(state, is_leaf=is_target) if is_target(s)]
 
 
-def find_state(state: Any, state_type: type[S], *, accessor: str) -> S:
-  """The outermost ``state_type`` inside ``state``.
+def find_state(state: Any, state_type: type[S], *, accessor: str, index: int = 0) -> S:
+  """The ``index``-th ``state_type`` inside ``state`` (0: the outermost; then in tree order,
+  which is chain order).
 
   Raises:
-    ValueError: naming ``accessor`` when ``state`` holds no ``state_type``.
+    ValueError: naming ``accessor`` when ``state`` holds no ``state_type``, or naming
+      ``index`` when it holds ``index`` or fewer of them.
   """
+  checks.check_int(accessor, "index", index, low=0, schedule=False)
   found = find_states(state, state_type)
   if not found:
     raise ValueError(
       f"{accessor}: the optimizer state holds no {state_type.__name__} "
       f"(got a {type(state).__name__})"
     )
-  return found[0]
+  if index >= len(found):
+    raise ValueError(
+      f"{accessor}: index must be < {len(found)}, the number of {state_type.__name__}s in "
+      f"the optimizer state, got {index!r}"
+    )
+  return found[index]
 
 
 def holds_micro_steps(state: Any) -> bool:

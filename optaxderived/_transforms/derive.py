@@ -131,7 +131,7 @@ def derive(
   grad_accum_steps: int | optax.Schedule = 1,
   lookahead: tuple[int, float] | None = None,
   lazy: paths.Patterns | None = None,
-  ema: float | None = None,
+  ema: float | optax.Schedule | optax.GradientTransformation | None = None,
   bias_correction: bool = True,
   strict: bool = False,
   skip_spikes: bool | Mapping[str, Any] | None = None,
@@ -158,7 +158,8 @@ def derive(
           ),
           sync_period, slow_step_size,
         ),
-        od.param_ema(ema),                          # ema: a decay
+        od.param_ema(ema),                          # ema: a decay or a schedule of it
+                                                    #      (or ema itself, a transformation)
       ),
       grad_accum_steps,
     )
@@ -201,8 +202,10 @@ def derive(
       the real-update count.
     lookahead: ``(sync_period, slow_step_size)`` of :func:`lookahead`.
     lazy: patterns of the embedding leaves updated lazily (:func:`lazy` around ``base``).
-    ema: the decay of a parameter EMA (:func:`param_ema`) kept last; read it with
-      :func:`ema_params`.
+    ema: the decay of a parameter EMA (:func:`param_ema`) kept last, or a schedule of it
+      (:func:`ema_warmup`, :func:`power_ema_decay`), read with :func:`ema_params`; or an
+      averaging transformation kept last as it is (``od.param_ema(od.ema_warmup(),
+      debias=False)``, ``od.swa(start_step=1000)``, read with :func:`swa_params`).
     bias_correction: whether the default Adam base bias-corrects its moments (the author's
       BERT recipe turns it off); only with the default ``base``.
     skip_spikes: ``True`` or a dict of :func:`skip_spikes`'s keyword arguments: skip a
@@ -215,7 +218,7 @@ def derive(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` when weight
-    decay, layer adaptation, lookahead or the EMA is on.
+    decay, layer adaptation, lookahead or an average is on.
 
   Example:
     The author's BERT pretraining recipe in one call (warmup then linear decay to 0, counted in
@@ -247,7 +250,7 @@ def derive(
   checks.check_bool(FN, "layer_adaptation", layer_adaptation)
   checks.check_bool(FN, "bias_correction", bias_correction)
   checks.check_bool(FN, "strict", strict)
-  if ema is not None:
+  if ema is not None and not isinstance(ema, optax.GradientTransformation):
     checks.check_range(FN, "ema", ema, low=0.0, high=1.0, high_open=True)
   checks.check_transformation(FN, "base", base, optional=True)
   if base is not None and _holds_learning_rate(base):
@@ -305,7 +308,8 @@ def derive(
     with _argument("lookahead"):
       tx = lookahead_(tx, *lookahead)
   if ema is not None:
-    tx = optax.chain(tx, param_ema(ema))
+    averaging = ema if isinstance(ema, optax.GradientTransformation) else param_ema(ema)
+    tx = optax.chain(tx, averaging)
   if not isinstance(grad_accum_steps, int) or grad_accum_steps > 1:  # (as weight_decay above)
     tx = accumulate(tx, grad_accum_steps)
   # The guards go outermost: they judge each micro-batch before it is accumulated.
