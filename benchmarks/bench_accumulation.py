@@ -45,7 +45,22 @@ def cases() -> list[Case]:
   heavy = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=1e-2))
   ours_heavy = tx_subject("od.accumulate(clip + adamw, 8)", od.accumulate(heavy, 8))
   multi_heavy = tx_subject("optax.MultiSteps(clip + adamw, 8)", optax.MultiSteps(heavy, 8))
+  options = dict(skip_if=lambda g, p: optax.tree.norm(g) > 1e6, mean_extra_args=("value",))
+  ours_options = tx_subject(
+    "od.accumulate(adam, 4, skip_if=..., mean_extra_args=('value',))",
+    od.accumulate(optax.adam(1e-3), 4, **options),
+    value=jnp.float32(1.0),
+  )
+  plain = tx_subject("od.accumulate(optax.adam(1e-3), 4)", od.accumulate(optax.adam(1e-3), 4))
   return [
+    Case(
+      "accumulate_options_k4",
+      ours_options,
+      plain,
+      cycle=4,
+      target=1.05,
+      check=check_close(ours_options, plain, cycle=8),
+    ),
     Case(
       "accumulate_adam_k4",
       ours,

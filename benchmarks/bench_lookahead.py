@@ -17,6 +17,7 @@ import optax
 import optaxderived as od
 from benchmarks.harness import Case
 from benchmarks.harness import Subject
+from benchmarks.harness import check_close
 from benchmarks.harness import tx_subject
 
 SYNC_PERIOD, SLOW_STEP_SIZE, DECAY = 5, 0.5, 0.999
@@ -124,7 +125,27 @@ def cases() -> list[Case]:
     f"chain(adam, od.param_ema({DECAY}))", optax.chain(_inner(), od.param_ema(DECAY))
   )
   ema_baseline = _ema_baseline_subject()
-  return [
+  adam = tx_subject("adam", _inner())
+  averages = [
+    ("swa", "chain(adam, od.swa())", od.swa()),
+    (
+      "param_ema_warmup",
+      "chain(adam, od.param_ema(od.ema_warmup(), debias=False))",
+      od.param_ema(od.ema_warmup(), debias=False),
+    ),
+  ]
+  # Against the fixed-decay EMA (a fresh subject per row: a reused one would be a compile-cache
+  # hit); the updates pass unchanged, so the params must be Adam's.
+  average_rows = []
+  for name, label, average in averages:
+    ours = tx_subject(label, optax.chain(_inner(), average))
+    fixed = tx_subject(
+      f"chain(adam, od.param_ema({DECAY}))", optax.chain(_inner(), od.param_ema(DECAY))
+    )
+    average_rows.append(
+      Case(name, ours, fixed, target=1.05, check=check_close(ours, adam, cycle=3))
+    )
+  return average_rows + [
     Case(
       "lookahead",
       ours_lookahead,
