@@ -110,9 +110,7 @@ def swa(*, start_step: int = 0, every: int = 1) -> optax.GradientTransformationE
 
     def leaf(m, p):
       theta = numerics.widen_stored(p, m.dtype)
-      # A scalar reciprocal, then a multiply per element (a division per element is slower).
-      weight = 1 / jnp.maximum(count, 1).astype(m.dtype)
-      return jnp.where(averaged, m + (theta - m) * weight, m)
+      return jnp.where(averaged, m + (theta - m) / jnp.maximum(count, 1).astype(m.dtype), m)
 
     try:
       mean = jax.tree.map(leaf, state.mean, optax.apply_updates(params, updates))
