@@ -165,7 +165,8 @@ def test_the_mean_is_np_mean_of_the_selected_params(thetas, start_step, every):
 
 @hypothesis.settings(deadline=None, max_examples=30)
 @hypothesis.given(
-  value=st.floats(-(2.0**100), 2.0**100, width=32),
+  # Normal floats only: XLA's CPU backend flushes subnormal results to zero (x / 1 included).
+  value=st.floats(-(2.0**100), 2.0**100, width=32, allow_subnormal=False),
   steps=st.integers(1, 30),
   every=st.integers(1, 4),
 )
