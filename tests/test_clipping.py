@@ -43,12 +43,12 @@ def np_units(leaves: list[np.ndarray], scope: str) -> list[list[tuple[int, tuple
 def np_clip(grads, gamma: float, soft: bool, scope: str):
   """Clipped updates, the global norm and the clipped fraction, in float64."""
   leaves, treedef = jax.tree.flatten(grads)
-  leaves = [np.asarray(x, np.float64) for x in leaves]
+  leaves = [np.asarray(x, np.complex128 if jnp.iscomplexobj(x) else np.float64) for x in leaves]
   out = [x.copy() for x in leaves]
   clipped = 0
   units = np_units(leaves, scope)
   for unit in units:
-    norm = math.sqrt(sum(float(np.sum(leaves[i][idx] ** 2)) for i, idx in unit))
+    norm = math.sqrt(sum(float(np.sum(np.abs(leaves[i][idx]) ** 2)) for i, idx in unit))
     if soft:
       factor = gamma / (norm + gamma)
       clipped += norm > 0
@@ -57,7 +57,7 @@ def np_clip(grads, gamma: float, soft: bool, scope: str):
       clipped += norm > gamma
     for i, idx in unit:
       out[i][idx] = leaves[i][idx] * factor
-  global_norm = math.sqrt(sum(float(np.sum(x**2)) for x in leaves))
+  global_norm = math.sqrt(sum(float(np.sum(np.abs(x) ** 2)) for x in leaves))
   return treedef.unflatten(out), global_norm, clipped / len(units)
 
 
@@ -226,6 +226,21 @@ def test_finite_gradients_whose_squares_overflow_get_their_exact_norm(scope, sof
   np.testing.assert_allclose(state.norm, norm, rtol=1e-6)
   np.testing.assert_allclose(state.clipped_fraction, fraction, rtol=1e-6)
   assert_trees_close(updates, expected, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_overflowing_squares_of_float_and_complex_leaves_together_get_their_exact_norms(scope):
+  # two compute dtypes in one tree: the recomputation scales each leaf in its own dtype
+  grads = make_grads()
+  grads["kernel"] = grads["kernel"].at[2].set(jnp.array([3e20, -4e20, 1e19]))
+  grads["phase"] = jnp.array([[3e20 + 4e20j, 1j], [2.0, 0.5j]], jnp.complex64)
+  updates, state = clip(grads, 1.0, soft=False, scope=scope)
+  expected, norm, fraction = np_clip(grads, 1.0, False, scope)
+  np.testing.assert_allclose(state.norm, norm, rtol=1e-6)
+  np.testing.assert_allclose(state.clipped_fraction, fraction, rtol=1e-6)
+  assert updates["phase"].dtype == jnp.complex64
+  for key, value in expected.items():  # complex-aware, unlike assert_trees_close
+    np.testing.assert_allclose(np.asarray(updates[key]), value, rtol=2e-6, atol=1e-30)
 
 
 def test_apply_if_finite_skips_a_nan_step():

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def wide_dtype(*dtypes: Any) -> Any:
@@ -100,6 +101,29 @@ def unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], ja
     return [jnp.sqrt(s) for s in sums], jnp.sqrt(total)
 
   def rescaled():
+    dtypes = {wide_dtype(x.dtype) for x in leaves}
+    if len(dtypes) == 1:  # the common case: the scalar work on one vector of all the units
+      # (elementwise, so the same values as unit by unit below, in a fraction of the HLO)
+      e = jnp.finfo(jnp.zeros([], dtypes.pop()).real.dtype).maxexp // 2
+      flat_sums = jnp.concatenate([jnp.ravel(s) for s in sums])
+      flat_scaled = jnp.concatenate(
+        [
+          jnp.ravel(sum_of_squares(wide(x) * 2.0**-e, a))
+          for x, a in zip(leaves, axes, strict=True)
+        ]
+      )
+      flat = jnp.where(
+        jnp.isinf(flat_sums), jnp.sqrt(flat_scaled) * 2.0**e, jnp.sqrt(flat_sums)
+      )
+      norm = _stable_norm([flat])
+      if scope == "global":
+        return [norm], norm
+      bounds = np.cumsum([0] + [s.size for s in sums])
+      norms = [
+        flat[i:j].reshape(s.shape)
+        for i, j, s in zip(bounds[:-1], bounds[1:], sums, strict=True)
+      ]
+      return norms, norm
     norms = []
     for x, a, s in zip(leaves, axes, sums, strict=True):
       x = wide(x)
