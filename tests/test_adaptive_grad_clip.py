@@ -110,7 +110,11 @@ def test_equals_optax_adaptive_grad_clip_when_nothing_is_excluded():
   jax.tree.map(np.testing.assert_array_equal, got, want)  # eager: bit for bit
   got = jax.jit(ours.update)(grads, ours.init(params), params)[0]
   want = jax.jit(theirs.update)(grads, theirs.init(params), params)[0]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7), got, want)
+  # Under jit XLA fuses the two programs differently (ours broadcasts the unit norms by the
+  # arithmetic, optax's with broadcast_to) and may sum the squares in another order: the norm
+  # moves by an ulp, the clipped entries by up to a few.
+  ulps = 4 * np.finfo(np.float32).eps
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=ulps), got, want)
 
 
 @pytest.mark.parametrize(

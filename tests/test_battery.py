@@ -430,6 +430,45 @@ def test_sharding(name, layout):
   assert not gathered_params(compiled.as_text(), params)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 host devices of conftest.py")
+@pytest.mark.parametrize("name", IDS)
+def test_explicit_sharding_in_types(name):
+  """On an explicit mesh (shardings in the types, as in optax's sharding tests) the state's
+  types need no recipe: eager, jitted and abstract init agree, each param-shaped leaf has
+  its param's sharding, every leaf spans the mesh (none is left on one device, which a
+  multi-process checkpoint cannot save), and an eager and a jitted update keep the types."""
+  case = CASES[name]
+  tx = case.make()
+  want_params, want_state = single_device_run(name)
+  shape, axes, _ = LAYOUTS["2d"]
+  mesh = jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Explicit,) * len(axes))
+  explicit = jax.tree.map(lambda s: NamedSharding(mesh, s.spec), shardings_for("2d"))
+  types = lambda tree: jax.tree.map(jax.typeof, tree)  # noqa: E731
+  with jax.set_mesh(mesh):
+    params = jax.device_put(make_params(case), explicit)
+    state = tx.init(params)
+    assert types(jax.jit(tx.init)(params)) == types(state)
+    abstract = jax.eval_shape(tx.init, jax.tree.map(jax.typeof, params))
+    assert jax.tree.map(spec_of, abstract) == jax.tree.map(spec_of, state)
+    assert_follows_params(state, params)
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state))
+    _, eager_state, _ = make_step(case, tx)(params, state)
+    got_params, got_state = make_run(case, tx, 4)(params, state)
+  assert types(eager_state) == types(state)
+  assert types(got_state) == types(state)
+  assert types(got_params) == types(params)
+  assert_trees_close(got_params, want_params, rtol=1e-5, atol=1e-6)
+  assert_trees_close(got_state, want_state, rtol=1e-5, atol=1e-6)
+
+
+def spec_of(x: Any) -> tuple:
+  """Shape, dtype and the mesh axes of each dimension of an array or an abstract value
+  (``eval_shape`` gives a replicated leaf no sharding)."""
+  sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
+  spec = () if sharding is None else tuple(sharding.spec)
+  return x.shape, x.dtype, spec + (None,) * (len(x.shape) - len(spec))
+
+
 @functools.cache
 def single_device_run(name: str) -> tuple[Any, Any]:
   """The reference of the sharded runs: 4 steps with the params on one device."""

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -69,11 +70,19 @@ def _axes(x: jax.Array, scope: str) -> tuple[int, ...] | None:
 
 
 def _stable_norm(norms: list[jax.Array]) -> jax.Array:
-  """The L2 norm of a few non-negative unit norms, without overflow (max-scaled)."""
-  flat = jnp.concatenate([jnp.ravel(n) for n in norms])
-  m = jnp.max(flat, initial=0.0)
+  """The L2 norm of a few non-negative unit norms, without overflow (max-scaled).
+
+  Reduced array by array, not concatenated: under an explicit mesh, vectors of row norms
+  sharded differently cannot be concatenated."""
+  m = functools.reduce(jnp.maximum, [jnp.max(n, initial=0.0) for n in norms])
   safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-  return jnp.where(jnp.isinf(m), jnp.inf, safe * jnp.sqrt(jnp.sum(jnp.square(flat / safe))))
+  total = sum(jnp.sum(jnp.square(n / safe)) for n in norms)
+  return jnp.where(jnp.isinf(m), jnp.inf, safe * jnp.sqrt(total))
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+  """Whether ``x``'s type is sharded over an explicit mesh axis (``jax.typeof``)."""
+  return any(axis is not None for axis in jax.typeof(x).sharding.spec)
 
 
 def unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], jax.Array]:
@@ -102,8 +111,10 @@ def unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], ja
 
   def rescaled():
     dtypes = {wide_dtype(x.dtype) for x in leaves}
-    if len(dtypes) == 1:  # the common case: the scalar work on one vector of all the units
-      # (elementwise, so the same values as unit by unit below, in a fraction of the HLO)
+    if len(dtypes) == 1 and not any(_explicitly_sharded(s) for s in sums):
+      # The common case: the scalar work on one vector of all the units (elementwise, so
+      # the same values as unit by unit below, in a fraction of the HLO). Explicitly
+      # sharded vectors of row norms cannot be concatenated: they go unit by unit.
       e = jnp.finfo(jnp.zeros([], dtypes.pop()).real.dtype).maxexp // 2
       flat_sums = jnp.concatenate([jnp.ravel(s) for s in sums])
       flat_scaled = jnp.concatenate(

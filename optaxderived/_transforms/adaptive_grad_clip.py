@@ -41,7 +41,9 @@ def adaptive_grad_clip(
 
   The clipping of the other leaves is ``optax.adaptive_grad_clip``'s, applied to them in
   float32 or wider (bf16 updates and params are widened first, so the norms are float32,
-  and the updates keep their dtype); for float32 leaves it is bit-identical to it. A NaN or
+  and the updates keep their dtype); for float32 leaves it is bit-identical to it (to a few
+  ulps under ``jit``, where XLA may fuse it differently). Unlike optax's, it keeps working on
+  leaves sharded over an explicit mesh. A NaN or
   an Inf entry makes its unit non-finite (NaN), which ``optax.apply_if_finite`` catches. Place
   it first in a chain, on the raw gradients.
 
@@ -86,7 +88,6 @@ def adaptive_grad_clip(
   checks.check_range(fn, "eps", eps, low=0.0, schedule=False)
   checks.check_bool(fn, "strict", strict)
   excluded = paths.selector(exclude, argname=f"{fn}: exclude", strict=strict)
-  agc = optax.adaptive_grad_clip(clipping, eps)
 
   def init_fn(params):
     excluded.check_used(params)
@@ -112,14 +113,29 @@ def adaptive_grad_clip(
       numerics.wide_dtype(jnp.result_type(leaves[i]), jnp.result_type(param_leaves[i]))
       for i in chosen
     ]
-    clipped, _ = agc.update(
-      [jnp.asarray(leaves[i], d) for i, d in zip(chosen, dtypes, strict=True)],
-      optax.EmptyState(),
-      [jnp.asarray(param_leaves[i], d) for i, d in zip(chosen, dtypes, strict=True)],
-    )
     new_leaves = list(leaves)
-    for i, c in zip(chosen, clipped, strict=True):
-      new_leaves[i] = c.astype(jnp.result_type(leaves[i]))
+    for i, d in zip(chosen, dtypes, strict=True):
+      g, p = jnp.asarray(leaves[i], d), jnp.asarray(param_leaves[i], d)
+      new_leaves[i] = _unitwise_clip(g, p, clipping, eps).astype(jnp.result_type(leaves[i]))
     return jax.tree.unflatten(treedef, new_leaves), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# optax.adaptive_grad_clip's formulas, op for op (so bit-identical), with the unit norms kept
+# in their reduced shape and broadcast by the arithmetic: optax's `jnp.broadcast_to` of the
+# norms drops a leaf's sharding under an explicit mesh, and its `jnp.where` then fails.
+def _unit_norm(x: jax.Array) -> jax.Array:
+  """The norm of each unit of ``x`` (optax's ``unitwise_norm``), ``keepdims``."""
+  if jnp.squeeze(x).ndim <= 1:
+    axes = None
+  else:
+    axes = {2: (0,), 3: (0,), 4: (0, 1, 2), 5: (0, 1, 2, 3)}[x.ndim]
+  return jnp.sqrt(jnp.sum((x.conj() * x).real, axis=axes, keepdims=True))
+
+
+def _unitwise_clip(g: jax.Array, p: jax.Array, clipping: float, eps: float) -> jax.Array:
+  g_norm = _unit_norm(g)
+  max_norm = clipping * jnp.maximum(_unit_norm(p), eps)
+  clipped = g * (max_norm / jnp.maximum(g_norm, 1e-6))  # optax's division guard
+  return jnp.where(g_norm < max_norm, g, clipped)
