@@ -123,6 +123,19 @@ def to_row_sparse(dense, rng, *, pad=0, split=True, size=16):
   )
 
 
+# The two paths of a RowSparse leaf: row-sparse, and densified (the switch point at 0).
+PATHS = pytest.mark.parametrize("dense_above", [None, 0.0], ids=["rows", "densified"])
+
+
+def dense_of(u, num_rows):
+  """A table's update as a dense array: a RowSparse (the row-sparse path) scattered, a dense
+  array (the densified path) as it is."""
+  if isinstance(u, od.sparse.RowSparse):
+    return u.todense(num_rows)
+  assert jnp.shape(u)[0] == num_rows
+  return jnp.asarray(u)
+
+
 def run_steps(tx, params, grads_seq, state=None):
   """update + od.sparse.apply_updates, jitted once: params, state, updates of each step."""
   step = jax.jit(
@@ -292,26 +305,28 @@ def _sparse_and_dense(tx_sparse, tx_dense, params, sparse_seq, dense_seq):
   return run(tx_sparse, sparse_seq), run(tx_dense, dense_seq)
 
 
+@PATHS
 @pytest.mark.parametrize("name", list(ELEMENTWISE))
-def test_row_sparse_equals_dense_lazy_with_frozen_state(name):
+def test_row_sparse_equals_dense_lazy_with_frozen_state(name, dense_above):
   """A RowSparse gradient (shuffled, duplicates, padding) gives what the dense
-  freeze_state=True path gives on the equivalent dense gradient, params and state."""
+  freeze_state=True path gives on the equivalent dense gradient, params and state, on the
+  row-sparse path and on the densified one."""
   params, grads_seq = make_params(), make_grads()
   rng = np.random.default_rng(4)
   sparse_seq = [
     {**g, "embed": to_row_sparse(g["embed"], rng, pad=t % 3)} for t, g in enumerate(grads_seq)
   ]
-  tx_sparse = od.lazy(ELEMENTWISE[name](), include="embed")
+  tx_sparse = od.lazy(ELEMENTWISE[name](), include="embed", dense_above=dense_above)
   tx_dense = od.lazy(ELEMENTWISE[name](), include="embed", freeze_state=True)
   ((p1, s1), u1), ((p2, s2), u2) = _sparse_and_dense(
     tx_sparse, tx_dense, params, stack_sparse(sparse_seq), stack(grads_seq)
   )
   assert_trees_close(p1, p2, rtol=2e-5, atol=2e-6)
   assert_trees_close(s1.inner_state, s2.inner_state, rtol=2e-5, atol=2e-6)
-  assert isinstance(u1["embed"], od.sparse.RowSparse)
+  assert isinstance(u1["embed"], od.sparse.RowSparse) == (dense_above is None)
   for t in range(len(grads_seq)):
-    sparse_t = od.sparse.RowSparse(u1["embed"].indices[t], u1["embed"].values[t])
-    np.testing.assert_allclose(sparse_t.todense(6), u2["embed"][t], rtol=2e-5, atol=2e-6)
+    u_t = jax.tree.map(lambda x, t=t: x[t], u1["embed"])
+    np.testing.assert_allclose(dense_of(u_t, 6), u2["embed"][t], rtol=2e-5, atol=2e-6)
   assert_trees_close(u1["dense"], u2["dense"], rtol=2e-5, atol=2e-6)
   np.testing.assert_array_equal(s1.touched_rows, s2.touched_rows)
 
@@ -341,26 +356,32 @@ def test_row_sparse_leaf_is_frozen_while_dense_leaves_follow_freeze_state():
   )
 
 
-def test_row_sparse_under_jit_and_scan_with_optax_apply_updates():
+@PATHS
+def test_row_sparse_under_jit_and_scan_with_optax_apply_updates(dense_above):
   """Static shapes: a stacked RowSparse (fixed count, padded) goes through lax.scan, and
-  optax.apply_updates scatters it (RowSparse.__radd__)."""
+  optax.apply_updates scatters it (RowSparse.__radd__) or adds the densified update."""
   params, grads_seq = make_params(), make_grads()
   rng = np.random.default_rng(6)
   sparse_seq = []
   for g in grads_seq:
     sparse_seq.append({**g, "embed": to_row_sparse(g["embed"], rng, split=False, size=8)})
   final, state, updates = run_scan(
-    od.lazy(optax.adam(0.05), include="embed"), params, stack_sparse(sparse_seq)
+    od.lazy(optax.adam(0.05), include="embed", dense_above=dense_above),
+    params,
+    stack_sparse(sparse_seq),
   )
   ref = np_lazy_adam(params, grads_seq, lr=0.05, freeze=True, lazy_leaves={"embed"})
   assert_trees_close(final, ref[0], rtol=1e-5, atol=1e-6)
-  assert isinstance(updates["embed"], od.sparse.RowSparse)
-  assert updates["embed"].indices.shape == (5, 8)
+  if dense_above is None:
+    assert updates["embed"].indices.shape == (5, 8)
+  else:
+    assert updates["embed"].shape == (5, 6, 3)
 
 
-def test_padding_has_no_effect():
+@PATHS
+def test_padding_has_no_effect(dense_above):
   params, grads_seq = make_params(), make_grads(2)
-  tx = od.lazy(optax.adam(0.1))
+  tx = od.lazy(optax.adam(0.1), dense_above=dense_above)
   rng = np.random.default_rng(7)
   plain = [{**g, "embed": to_row_sparse(g["embed"], rng, split=False)} for g in grads_seq]
   padded = []
@@ -390,13 +411,14 @@ def test_padding_has_no_effect():
   np.testing.assert_array_equal(
     optax.tree.get(s3, "mu")["embed"], optax.tree.get(s2, "mu")["embed"]
   )
-  np.testing.assert_array_equal(u3[0]["embed"].values, 0.0)
+  np.testing.assert_array_equal(dense_of(u3[0]["embed"], 6), 0.0)
   assert int(optax.tree.get(s3, "count")) == int(optax.tree.get(s2, "count")) + 1
 
 
-def test_duplicates_are_summed():
+@PATHS
+def test_duplicates_are_summed(dense_above):
   params = {"embed": jnp.zeros((4, 2))}
-  tx = od.lazy(optax.sgd(1.0, momentum=0.5))
+  tx = od.lazy(optax.sgd(1.0, momentum=0.5), dense_above=dense_above)
   dup = od.sparse.RowSparse(
     jnp.array([2, 0, 2, 2]), jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [-1.0, 0.5]])
   )
@@ -408,11 +430,13 @@ def test_duplicates_are_summed():
   np.testing.assert_allclose(p1["embed"], -2.5 * np.array([[3, 4], [0, 0], [5, 8.5], [0, 0]]))
 
 
-def test_a_row_given_with_zero_values_counts_as_touched():
+@PATHS
+def test_a_row_given_with_zero_values_counts_as_touched(dense_above):
   """Explicit indices are the truth (a zero gradient is not an unused row): the row moves
-  on its momentum, where the dense mask would have frozen it."""
+  on its momentum, where the dense mask would have frozen it (the densified path masks
+  the rows of the indices, not the non-zero rows)."""
   params = {"embed": jnp.zeros((3, 2))}
-  tx = od.lazy(optax.sgd(1.0, momentum=0.5))
+  tx = od.lazy(optax.sgd(1.0, momentum=0.5), dense_above=dense_above)
   first = od.sparse.RowSparse(jnp.array([1]), jnp.array([[1.0, 1.0]]))
   zero = od.sparse.RowSparse(jnp.array([1]), jnp.array([[0.0, 0.0]]))
   p, s, _ = run_steps(tx, params, [{"embed": first}, {"embed": zero}])
@@ -420,47 +444,213 @@ def test_a_row_given_with_zero_values_counts_as_touched():
   assert int(s.touched_rows) == 1
 
 
-def test_row_sparse_tables_are_sharded_over_devices():
-  """Rows split over 8 devices: same result as one device; params and state keep their
-  sharding; the table is never gathered whole."""
+# ---------------------------------------------------------------------------------------------
+# The switch point: a RowSparse over a large share of its table is densified
+
+
+def _switch_problem(sizes, rows=20, steps=4, seed=0):
+  """Params with two tables of ``rows`` rows and a per-item bias, and ``steps`` gradients:
+  RowSparse leaves of ``sizes[name]`` indices (duplicates and padding) and a dense leaf."""
+  rng = np.random.default_rng(seed)
+  params = {
+    "a": jnp.asarray(rng.normal(size=(rows, 3)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(rows, 2)), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=(rows,)), jnp.float32),
+    "w": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+  }
+  seq = []
+  for _ in range(steps):
+    grads = {"w": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    for name in ("a", "b", "bias"):
+      n = sizes[name]
+      idx = rng.integers(0, rows, size=n)
+      idx[1::3] = idx[::3][: len(idx[1::3])]  # duplicates
+      idx[2::5] = rng.choice([-1, rows, rows + 7], size=len(idx[2::5]))  # padding
+      vals = rng.normal(size=(n, *params[name].shape[1:]))
+      grads[name] = od.sparse.RowSparse(
+        jnp.asarray(idx, jnp.int32), jnp.asarray(vals, jnp.float32)
+      )
+    seq.append(grads)
+  return params, seq
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scan_steps(tx, params, seq):
+  """update + od.sparse.apply_updates under lax.scan: final params, state, stacked updates."""
+
+  def step(carry, grads):
+    p, s = carry
+    u, s = tx.update(grads, s, p)
+    return (od.sparse.apply_updates(p, u), s), u
+
+  (p, s), u = jax.lax.scan(step, (params, tx.init(params)), seq)
+  return p, s, u
+
+
+@pytest.mark.parametrize("inner", ["adam", "nesterov", "lion"])
+def test_the_switched_path_equals_the_row_sparse_path_and_dense_lazy(inner):
+  """With the default switch point (0.125), table "a" (2 indices in 20 rows: 0.1) stays
+  row-sparse, "b" (3: 0.15) and the bias (30, more than its rows) are densified; over
+  several steps under jit + lax.scan, params, state, touched counts and updates equal those
+  of the row-sparse path (dense_above=None), of the densified path (dense_above=0.0) and of
+  the dense row-masked path with frozen state on the equivalent dense gradients."""
+  params, seq = _switch_problem({"a": 2, "b": 3, "bias": 30})
+  seq = stack_sparse(seq)
+  make = ELEMENTWISE[inner]
+  results = {
+    name: _scan_steps(od.lazy(make(), **kwargs), params, seq)
+    for name, kwargs in {
+      "default": {},
+      "rows": dict(dense_above=None),
+      "densified": dict(dense_above=0.0),
+    }.items()
+  }
+  dense_seq = {
+    **seq,
+    **{
+      k: jax.vmap(lambda g, k=k: g.todense(params[k].shape[0]))(seq[k])
+      for k in ("a", "b", "bias")
+    },
+  }
+  frozen = od.lazy(make(), freeze_state=True)
+  dense_p, dense_s, dense_u = _scan_steps(frozen, params, dense_seq)
+  # Which path each leaf took: a RowSparse update is the row-sparse path.
+  kinds = {k: isinstance(u, od.sparse.RowSparse) for k, u in results["default"][2].items()}
+  assert kinds == {"a": True, "b": False, "bias": False, "w": False}
+  for name, (p, s, u) in results.items():
+    assert_trees_close(p, results["rows"][0], rtol=2e-6, atol=2e-7)
+    assert_trees_close(s, results["rows"][1], rtol=2e-6, atol=2e-7)
+    np.testing.assert_array_equal(s.touched_rows, results["rows"][1].touched_rows)
+    for k in ("a", "b", "bias"):
+      num_rows = params[k].shape[0]
+      for t in range(4):
+        u_t = dense_of(jax.tree.map(lambda x, t=t: x[t], u[k]), num_rows)
+        ref_t = jax.tree.map(lambda x, t=t: x[t], results["rows"][2][k])
+        np.testing.assert_allclose(u_t, dense_of(ref_t, num_rows), rtol=2e-6, atol=2e-7)
+        if k != "bias":  # the dense path masks a 1-D leaf as a whole
+          np.testing.assert_allclose(u_t, dense_u[k][t], rtol=2e-6, atol=2e-7, err_msg=name)
+  # Against the dense path, the tables only (it masks a 1-D leaf as a whole).
+  tables = lambda tree: {k: tree[k] for k in ("a", "b")}
+  assert_trees_close(tables(results["default"][0]), tables(dense_p), rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize(
+  "n, rows, dense_above, densified",
+  [
+    (2, 20, 0.1, False),  # 0.1 of the rows: not above
+    (3, 20, 0.1, True),
+    (0, 20, 0.0, False),  # no index: nothing to densify
+    (1, 20, 0.0, True),  # 0: every RowSparse with an index
+    (40, 20, 1.0, False),  # 1: never, even with more indices than rows
+    (40, 20, None, False),  # None: never
+    (19, 20, 0.9, True),
+    (2, 20, od.lazy.__kwdefaults__["dense_above"], False),  # the default
+    (3, 20, od.lazy.__kwdefaults__["dense_above"], True),
+  ],
+)
+def test_the_switch_point_and_its_override(n, rows, dense_above, densified):
+  params = {"e": jnp.ones((rows, 2))}
+  idx = jnp.arange(n, dtype=jnp.int32) % rows
+  g = {"e": od.sparse.RowSparse(idx, jnp.ones((n, 2)))}
+  tx = od.lazy(optax.adam(0.1), dense_above=dense_above)
+  updates, state = jax.jit(tx.update)(g, tx.init(params), params)
+  assert isinstance(updates["e"], od.sparse.RowSparse) != densified
+  assert int(state.touched_rows) == min(n, rows)
+  # Either way the same step.
+  other = od.lazy(optax.adam(0.1), dense_above=0.0 if not densified else None)
+  ref, ref_state = jax.jit(other.update)(g, other.init(params), params)
+  np.testing.assert_allclose(dense_of(updates["e"], rows), dense_of(ref["e"], rows), rtol=1e-6)
+  assert_trees_close(state, ref_state, rtol=1e-6)
+
+
+def test_the_default_switch_point():
+  """Where the two paths cross on a 1,000,000 x 64 table on CPU (benchmarks/RESULTS.md)."""
+  assert od.lazy.__kwdefaults__["dense_above"] == 0.125
+
+
+def test_densified_tables_keep_their_sharding():
+  """Rows split over 8 devices: the densified path keeps params and state sharded as they
+  are, and gives the row-sparse path's result."""
   from jax.sharding import Mesh
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  assert len(jax.devices()) == 8
   mesh = Mesh(np.array(jax.devices()), ("x",))
+  rows = NamedSharding(mesh, P("x", None))
+  params = {"embed": jax.device_put(jnp.arange(64 * 4, dtype=jnp.float32).reshape(64, 4), rows)}
+  ids = jnp.array([3, 60, 3, -1, 17, 40, 33, 60, 9, 9], jnp.int32)
+  grads = {"embed": od.sparse.RowSparse(ids, jnp.linspace(-1, 1, 40).reshape(10, 4))}
+
+  def run(tx):
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return od.sparse.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    for _ in range(2):
+      p, s = jax.jit(step)(p, s, grads)
+    return p, s
+
+  new, new_state = run(od.lazy(optax.adam(0.1), dense_above=0.0))
+  ref, ref_state = run(od.lazy(optax.adam(0.1), dense_above=None))
+  assert_trees_close(new, ref, rtol=1e-6)
+  assert_trees_close(new_state, ref_state, rtol=1e-6)
+  assert new["embed"].sharding.is_equivalent_to(rows, 2)
+  for name in ("mu", "nu"):
+    assert optax.tree.get(new_state, name)["embed"].sharding.is_equivalent_to(rows, 2)
+
+
+@pytest.mark.parametrize("dense_above", [None, 0.0], ids=["row_sparse", "densified"])
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_row_sparse_tables_are_sharded_over_devices(axis_type, dense_above):
+  """Rows split over 8 devices, on an auto or an explicit mesh (sharding in types):
+  row_sparse_grad, both paths of od.lazy and apply_updates give the result of one device;
+  params and state keep their sharding; the table is never gathered whole."""
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  assert len(jax.devices()) == 8
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(getattr(AxisType, axis_type),))
   rows = NamedSharding(mesh, P("x", None))
   params = {
     "embed": jnp.arange(64 * 4, dtype=jnp.float32).reshape(64, 4) / 100,
     "bias": jnp.ones(3),
   }
-  sharded = {**params, "embed": jax.device_put(params["embed"], rows)}
-  grads = {
-    "embed": od.sparse.RowSparse(jnp.array([3, 60, 3, -1, 17], jnp.int32), jnp.ones((5, 4))),
-    "bias": jnp.ones(3),
-  }
-  tx = od.lazy(optax.adam(0.1))
+  ids = jnp.array([3, 60, 3, -1, 17], jnp.int32)
 
-  def step(p, s, g):
+  def loss(p, looked_up):
+    return jnp.sum(jnp.sin(looked_up) * p["bias"][:1]) + jnp.sum(p["bias"] ** 2)
+
+  grad_fn = od.sparse.row_sparse_grad(loss, table="embed")
+  tx = od.lazy(optax.adam(0.1), dense_above=dense_above)
+
+  def step(p, s, ids):
+    _, g = grad_fn(p, ids)
     u, s = tx.update(g, s, p)
     return od.sparse.apply_updates(p, u), s
 
-  state = tx.init(sharded)
-  assert optax.tree.get(state, "mu")["embed"].sharding.is_equivalent_to(rows, 2)
-  compiled = jax.jit(step).lower(sharded, state, grads).compile()
-  assert "all-gather" not in compiled.as_text()
-  new, new_state = compiled(sharded, state, grads)
-  ref, ref_state = jax.jit(step)(params, tx.init(params), grads)
-  assert_trees_close(new, ref, rtol=0)
-  assert_trees_close(new_state, ref_state, rtol=0)
-  assert new["embed"].sharding.is_equivalent_to(rows, 2)
-  for name in ("mu", "nu"):
-    assert optax.tree.get(new_state, name)["embed"].sharding.is_equivalent_to(rows, 2)
-  # The dense row-masked path keeps the sharding too.
-  dense = {**grads, "embed": grads["embed"].todense(64)}
-  new, new_state = jax.jit(step)(sharded, state, dense)
-  assert new["embed"].sharding.is_equivalent_to(rows, 2)
-  assert optax.tree.get(new_state, "mu")["embed"].sharding.is_equivalent_to(rows, 2)
+  ref, ref_state = jax.jit(step)(params, tx.init(params), ids)
+  with jax.set_mesh(mesh):
+    sharded = {**params, "embed": jax.device_put(params["embed"], rows)}
+    state = tx.init(sharded)
+    assert optax.tree.get(state, "mu")["embed"].sharding.is_equivalent_to(rows, 2)
+    compiled = jax.jit(step).lower(sharded, state, ids).compile()
+    # The partitioned program holds 8 rows of the table per device, never the whole table.
+    hlo = compiled.as_text()
+    assert "all-gather" not in hlo and "f32[8,4]" in hlo and "f32[64,4]" not in hlo
+    new, new_state = compiled(sharded, state, ids)
+    assert_trees_close(new, ref, rtol=0)
+    assert_trees_close(new_state, ref_state, rtol=0)
+    assert new["embed"].sharding.is_equivalent_to(rows, 2)
+    for name in ("mu", "nu"):
+      assert optax.tree.get(new_state, name)["embed"].sharding.is_equivalent_to(rows, 2)
+    # The dense row-masked path keeps the sharding too.
+    touched = (jnp.arange(64) % 5 == 0)[:, None]
+    dense = {"embed": jnp.where(touched, 1.0, 0.0) * sharded["embed"], "bias": jnp.ones(3)}
+    u, dense_state = jax.jit(tx.update)(dense, state, sharded)
+    assert optax.apply_updates(sharded, u)["embed"].sharding.is_equivalent_to(rows, 2)
+    assert optax.tree.get(dense_state, "mu")["embed"].sharding.is_equivalent_to(rows, 2)
 
 
 @pytest.mark.parametrize(
@@ -473,13 +663,16 @@ def test_row_sparse_tables_are_sharded_over_devices():
   ],
   ids=["global_norm", "lamb", "adafactor", "trust_ratio"],
 )
-def test_non_elementwise_inner_optimizers_get_a_clear_error(inner):
+@PATHS
+def test_non_elementwise_inner_optimizers_get_a_clear_error(inner, dense_above):
+  """On both paths: the densified path could run them, but its results would then differ
+  from the row-sparse path's (a norm over the table, not the rows), so it refuses them too."""
   params = {"embed": jnp.ones((5, 3)), "w": jnp.ones((3, 2))}
   grads = {
     "embed": od.sparse.RowSparse(jnp.array([1, 3]), jnp.ones((2, 3))),
     "w": jnp.ones((3, 2)),
   }
-  tx = od.lazy(inner)
+  tx = od.lazy(inner, dense_above=dense_above)
   with pytest.raises(ValueError, match="elementwise"):
     jax.jit(tx.update)(grads, tx.init(params), params)
   # The dense row-masked path takes them.
@@ -515,19 +708,20 @@ def _sparse_problem():
   return params, grads
 
 
-def test_an_unknown_primitive_on_the_rows_gets_a_clear_error():
+@PATHS
+def test_an_unknown_primitive_on_the_rows_gets_a_clear_error(dense_above):
   """A primitive the check does not know is refused with a ValueError naming od.lazy and
   the primitive (conservative: never a guess, never an error from inside JAX)."""
   prim = _future_primitive()
   params, grads = _sparse_problem()
-  tx = od.lazy(_apply_to_updates(prim.bind))
+  tx = od.lazy(_apply_to_updates(prim.bind), dense_above=dense_above)
   with pytest.raises(ValueError, match=r"^od.lazy: .*`od_test_future_double`.* does not know"):
     tx.update(grads, tx.init(params), params)
   # On a dense leaf only, the row values never meet it: accepted, and it runs.
-  tx = od.lazy(_apply_to_updates(prim.bind, which="w"))
+  tx = od.lazy(_apply_to_updates(prim.bind, which="w"), dense_above=dense_above)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates["w"], 2.0)
-  np.testing.assert_array_equal(updates["embed"].values, 1.0)
+  np.testing.assert_array_equal(dense_of(updates["embed"], 5), grads["embed"].todense(5))
   # The dense row-masked path does not trace the inner update: it takes it.
   dense = {**grads, "embed": grads["embed"].todense(5)}
   updates, _ = tx.update(dense, tx.init(params), params)
@@ -557,23 +751,25 @@ def test_a_jaxpr_the_check_cannot_read_gets_a_clear_error(monkeypatch):
   assert isinstance(info.value.__cause__, AttributeError)
 
 
-def test_calls_and_custom_derivatives_are_followed():
+@PATHS
+def test_calls_and_custom_derivatives_are_followed(dense_above):
   """jit and custom_jvp bodies are read; a reduction inside a jit body is still caught."""
   params, grads = _sparse_problem()
   elementwise = jax.jit(lambda u: jax.nn.relu(u) * 0.5)  # custom_jvp_call inside a jit
-  tx = od.lazy(_apply_to_updates(elementwise))
+  tx = od.lazy(_apply_to_updates(elementwise), dense_above=dense_above)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-  np.testing.assert_array_equal(updates["embed"].values, 0.5)
+  np.testing.assert_array_equal(dense_of(updates["embed"], 5), 0.5 * grads["embed"].todense(5))
   mixing = jax.jit(lambda u: u / jnp.sum(u))
-  tx = od.lazy(_apply_to_updates(mixing))
+  tx = od.lazy(_apply_to_updates(mixing), dense_above=dense_above)
   with pytest.raises(ValueError, match=r"^od.lazy: .*applies `reduce_sum`"):
     jax.jit(tx.update)(grads, tx.init(params), params)
 
 
 def test_a_transformation_mapping_over_a_row_sparse_is_caught():
+  """On the row-sparse path (the densified path's update is a dense array, which maps)."""
   params = {"embed": jnp.ones((5, 3))}
   grads = {"embed": od.sparse.RowSparse(jnp.array([1, 3]), jnp.ones((2, 3)))}
-  tx = optax.chain(od.lazy(optax.scale_by_adam()), optax.scale(-0.1))
+  tx = optax.chain(od.lazy(optax.scale_by_adam(), dense_above=None), optax.scale(-0.1))
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   with pytest.raises(ValueError, match="inside od.lazy"):
     od.sparse.apply_updates(params, updates)
@@ -633,10 +829,43 @@ def test_hyperparameter_validation():
     (dict(inner=optax.adam(0.1), include="emb("), "include: invalid regex"),
     (dict(inner=optax.adam(0.1), include=[3]), "include must hold regex strings, got 3"),
     (dict(inner=optax.adam(0.1), include=3), "include must be a regex"),
+    (
+      dict(inner=optax.adam(0.1), dense_above=-0.1),
+      r"dense_above must be in \[0.0, 1.0\], got -0.1",
+    ),
+    (
+      dict(inner=optax.adam(0.1), dense_above=1.5),
+      r"dense_above must be in \[0.0, 1.0\], got 1.5",
+    ),
+    (
+      dict(inner=optax.adam(0.1), dense_above=float("nan")),
+      "dense_above must be in .*, got nan",
+    ),
+    (
+      dict(inner=optax.adam(0.1), dense_above="0.1"),
+      "dense_above must be a real number, got '0.1'",
+    ),
+    (
+      dict(inner=optax.adam(0.1), dense_above=True),
+      "dense_above must be a real number, got True",
+    ),
+    (
+      dict(inner=optax.adam(0.1), dense_above=np.array([0.1])),
+      "dense_above must be a real number",
+    ),
+    (
+      dict(inner=optax.adam(0.1), dense_above=lambda c: 0.1),
+      "dense_above must be a number, not a",
+    ),
   ]
   for kwargs, message in bad_lazy:
     with pytest.raises(ValueError, match="^od.lazy: " + message):
       od.lazy(**kwargs)
+  # The switch point chooses the path when the step is traced: a traced value is refused.
+  with pytest.raises(ValueError, match="^od.lazy: dense_above must be a concrete number"):
+    jax.jit(lambda x: od.lazy(optax.adam(0.1), dense_above=x).init({}))(0.5)
+  for fine in (0, 1, np.float32(0.5), jnp.asarray(0.25), None):  # ints and 0-d arrays too
+    od.lazy(optax.adam(0.1), dense_above=fine)
   fn = "^od.sparse.row_sparse_grad: "
   with pytest.raises(ValueError, match=fn + "table must name at least one pattern"):
     od.sparse.row_sparse_grad(lambda p, r: 0.0, table=[])
@@ -720,7 +949,7 @@ def test_include_pattern_that_matches_nothing_warns():
     tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("sparse", [False, "rows", "densified"])
 @pytest.mark.parametrize("freeze_state", [False, True])
 def test_state_is_stable_and_bf16_stays_bf16(sparse, freeze_state):
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), make_params())
@@ -728,9 +957,19 @@ def test_state_is_stable_and_bf16_stays_bf16(sparse, freeze_state):
   if sparse:
     s = to_row_sparse(grads["embed"], np.random.default_rng(8), pad=1)
     grads["embed"] = od.sparse.RowSparse(s.indices, s.values.astype(jnp.bfloat16))
-  tx = od.lazy(optax.adam(0.1), include="embed|kernel", freeze_state=freeze_state)
+  dense_above = 0.0 if sparse == "densified" else None
+  tx = od.lazy(
+    optax.adam(0.1), include="embed|kernel", freeze_state=freeze_state, dense_above=dense_above
+  )
   assert_state_stable(tx, params, grads)
-  assert_keeps_dtype(tx, params, grads)
+  if sparse != "densified":
+    assert_keeps_dtype(tx, params, grads)
+    return
+  # The densified update is a dense array of the values' dtype.
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert updates["embed"].shape == (6, 3) and updates["embed"].dtype == jnp.bfloat16
+  new = od.sparse.apply_updates(params, updates)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new))
 
 
 def test_inner_hyperparameters_can_be_injected_and_found():
@@ -739,15 +978,15 @@ def test_inner_hyperparameters_can_be_injected_and_found():
   state = tx.init(params)
   state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.5)
   g = od.sparse.RowSparse(jnp.array([2]), jnp.ones((1, 2)))
-  updates, state = jax.jit(tx.update)({"embed": g}, state, params)
-  np.testing.assert_allclose(updates["embed"].values[0], [-0.5, -0.5], rtol=1e-6)
+  updates, state = jax.jit(tx.update)({"embed": g}, state, params)  # densified: 1 of 4 rows
+  np.testing.assert_allclose(dense_of(updates["embed"], 4)[2], [-0.5, -0.5], rtol=1e-6)
   assert float(optax.tree.get(state, "learning_rate")) == 0.5
   # inject_hyperparams around lazy itself.
   outer = optax.inject_hyperparams(lambda learning_rate: od.lazy(optax.sgd(learning_rate)))(
     learning_rate=0.25
   )
   updates, _ = jax.jit(outer.update)({"embed": g}, outer.init(params), params)
-  np.testing.assert_allclose(updates["embed"].values[0], [-0.25, -0.25])
+  np.testing.assert_allclose(dense_of(updates["embed"], 4)[2], [-0.25, -0.25])
 
 
 def test_flax_train_state_and_nnx_optimizer():
@@ -841,7 +1080,7 @@ def test_row_sparse_grad_equals_jax_grad_of_the_dense_lookup():
   tx = od.lazy(optax.adam(0.1), include="embed", freeze_state=True)
   u1, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   u2, _ = jax.jit(tx.update)(dense, tx.init(params), params)
-  np.testing.assert_allclose(u1["embed"].todense(20), u2["embed"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(dense_of(u1["embed"], 20), u2["embed"], rtol=1e-5, atol=1e-7)
 
 
 def test_row_sparse_grad_padding_aux_and_errors():
@@ -875,10 +1114,11 @@ def test_row_sparse_grad_padding_aux_and_errors():
 
 @jax.jit
 def _both_paths(params, idx1, val1, idx2, val2):
-  sparse_tx = od.lazy(optax.adam(0.1))
+  rows_tx = od.lazy(optax.adam(0.1), dense_above=None)
+  densified_tx = od.lazy(optax.adam(0.1), dense_above=0.0)
   dense_tx = od.lazy(optax.adam(0.1), freeze_state=True)
   out = []
-  for tx, sparse in ((sparse_tx, True), (dense_tx, False)):
+  for tx, sparse in ((rows_tx, True), (densified_tx, True), (dense_tx, False)):
     p, s = params, tx.init(params)
     for idx, val in ((idx1, val1), (idx2, val2)):
       g = od.sparse.RowSparse(idx, val)
@@ -902,7 +1142,7 @@ def test_property_row_sparse_equals_dense_lazy_adam(idx1, idx2, magnitudes, sign
   val1 = np.abs(values[:6, None]) * row_sign[np.clip(idx1, 0, 6)][:, None] * [1.0, 0.5]
   val2 = np.abs(values[6:, None]) * row_sign[np.clip(idx2, 0, 6)][:, None] * [0.5, 1.0]
   params = {"e": jnp.arange(10.0).reshape(5, 2) / 10}
-  (p1, s1), (p2, s2) = _both_paths(
+  (p1, s1), (p3, s3), (p2, s2) = _both_paths(
     params,
     jnp.asarray(idx1, jnp.int32),
     jnp.asarray(val1, jnp.float32),
@@ -911,6 +1151,8 @@ def test_property_row_sparse_equals_dense_lazy_adam(idx1, idx2, magnitudes, sign
   )
   assert_trees_close(p1, p2, rtol=1e-5, atol=1e-6)
   assert_trees_close(s1, s2, rtol=1e-5, atol=1e-6)
+  assert_trees_close(p3, p1, rtol=1e-6, atol=1e-7)
+  assert_trees_close(s3, s1, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("freeze_state", [False, True])

@@ -80,7 +80,7 @@ def _stable_norm(norms: list[jax.Array]) -> jax.Array:
   return jnp.where(jnp.isinf(m), jnp.inf, safe * jnp.sqrt(total))
 
 
-def _explicitly_sharded(x: jax.Array) -> bool:
+def explicitly_sharded(x: jax.Array) -> bool:
   """Whether ``x``'s type is sharded over an explicit mesh axis (``jax.typeof``)."""
   return any(axis is not None for axis in jax.typeof(x).sharding.spec)
 
@@ -111,7 +111,7 @@ def unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], ja
 
   def rescaled():
     dtypes = {wide_dtype(x.dtype) for x in leaves}
-    if len(dtypes) == 1 and not any(_explicitly_sharded(s) for s in sums):
+    if len(dtypes) == 1 and not any(explicitly_sharded(s) for s in sums):
       # The common case: the scalar work on one vector of all the units (elementwise, so
       # the same values as unit by unit below, in a fraction of the HLO). Explicitly
       # sharded vectors of row norms cannot be concatenated: they go unit by unit.

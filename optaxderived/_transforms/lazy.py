@@ -5,12 +5,15 @@ on stale moments, so rare tokens are over-updated. :func:`lazy` updates a row on
 gradient touches it, either from a dense gradient (a row is touched when any of its entries
 is non-zero: the row-mask path, here) or from a :class:`~optaxderived.sparse.RowSparse`
 gradient (the touched rows are named explicitly, and the step costs what the touched rows
-cost, not what the table costs: the row-sparse path, in ``lazy_rows``).
+cost, not what the table costs: the row-sparse path, in ``lazy_rows``). A ``RowSparse``
+gradient that names a large share of its table's rows is densified and takes the row-mask
+path instead (``dense_above``), which is then faster, with the same results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 from typing import NamedTuple
 
@@ -21,9 +24,15 @@ import optax
 from optaxderived._core import checks
 from optaxderived._core import paths
 from optaxderived._core import state as state_lib
+from optaxderived._transforms import lazy_elementwise
 from optaxderived._transforms import lazy_rows
 from optaxderived._transforms.lazy_rows import expand_mask
+from optaxderived.sparse._row_sparse import check_row_sparse
 from optaxderived.sparse._row_sparse import is_row_sparse
+
+# The default share of a table's rows above which a RowSparse gradient is densified (see the
+# lazy_rowsparse rows of benchmarks/RESULTS.md: where the two paths cross on CPU).
+DENSE_ABOVE = 0.125
 
 
 class LazyState(NamedTuple):
@@ -60,7 +69,8 @@ class _DensePlan:
   rows (``mask``: bool ``[rows]`` or a scalar) or pass it through (``mask=None``).
 
   ``update`` and ``param`` are what the inner optimizer sees; ``lazy_rows.RowsPlan`` has
-  the same methods for a ``RowSparse`` leaf.
+  the same methods for a ``RowSparse`` leaf. A densified ``RowSparse`` leaf is a dense plan
+  with ``row_sparse=True``: its mask names the rows of the indices, its state is frozen.
   """
 
   path: str
@@ -69,10 +79,16 @@ class _DensePlan:
   param: Any = None
   mask: Any = None
   freeze: bool = False  # keep the inner state of the untouched rows
+  row_sparse: bool = False  # a densified RowSparse gradient (the inner must be elementwise)
 
   @property
   def merges_state(self) -> bool:
     return self.mask is not None and self.freeze
+
+  @property
+  def merges_early(self) -> bool:
+    """The inner update may read the merged state (it is checked elementwise on it)."""
+    return self.merges_state and self.row_sparse
 
   def gather(self, s: Any) -> Any:
     return s
@@ -94,7 +110,21 @@ class _DensePlan:
 _NOT_PARAM = _DensePlan("", ())  # a state leaf that mirrors no param: taken as it is
 
 
-def _leaf_plans(fn: str, updates, params, included, freeze_state) -> tuple[list[Any], Any]:
+def _row_sparse_plan(fn: str, g: Any, p: Any, path: str, dense_above: float | None) -> Any:
+  """The plan of a ``RowSparse`` leaf: row-sparse, or densified when its indices can touch
+  more than ``dense_above`` of the table's rows (known at trace time: a shape)."""
+  p = jnp.asarray(p)
+  check_row_sparse(fn, g, p, path)
+  share = lazy_rows.dense_share(jnp.shape(g.indices)[0], p.shape[0])
+  if dense_above is None or share <= dense_above:
+    return lazy_rows.RowsPlan.make(fn, g, p, path)
+  update, mask = lazy_rows.densify(g, p)
+  return _DensePlan(path, p.shape, update, p, mask, freeze=True, row_sparse=True)
+
+
+def _leaf_plans(
+  fn: str, updates, params, included, freeze_state, dense_above
+) -> tuple[list[Any], Any]:
   """The plan of each leaf of ``updates`` (a ``RowSparse`` is one leaf) and the treedef."""
   leaves, structure = jax.tree.flatten(updates, is_leaf=is_row_sparse)
   treedef: Any = structure  # jaxlib's PyTreeDef has no stub mypy can read
@@ -110,8 +140,8 @@ def _leaf_plans(fn: str, updates, params, included, freeze_state) -> tuple[list[
       raise ValueError(f"{fn}: the params tree does not match the updates tree: {e}") from e
   plans: list[Any] = []
   for g, p, path in zip(leaves, param_leaves, leaf_paths, strict=True):
-    if is_row_sparse(g):  # always row-sparse, whatever include says
-      plans.append(lazy_rows.RowsPlan.make(fn, g, p, path))
+    if is_row_sparse(g):  # always row by row, whatever include says
+      plans.append(_row_sparse_plan(fn, g, p, path, dense_above))
       continue
     g = jnp.asarray(g)
     chosen = included is None or included.matches(path, g)
@@ -154,11 +184,31 @@ def _state_plans(fn: str, inner, inner_state, plans, why: str) -> Any:
   return state_plans
 
 
+def _update_merging_early(inner, args: tuple, extra_args: dict, state_plans: Any) -> Any:
+  """``inner.update(*args)`` with the state of the densified ``RowSparse`` leaves merged as
+  soon as it is computed, and read merged by the rest of the update: the same values (the
+  inner is elementwise on these leaves, and their untouched rows' updates are masked), in
+  the order in which XLA updates their state in place instead of copying it first (see
+  ``lazy_elementwise.update_reading_merged_state``)."""
+  updates, inner_state, _ = args
+  leaf_plans = jax.tree.leaves(  # the plan of each state leaf (none in a MaskedNode)
+    jax.tree.map(lambda plan, s: jax.tree.map(lambda _: plan, s), state_plans, inner_state)
+  )
+  old = jax.tree.leaves(inner_state)
+  merges: list[Any] = [None] * len(jax.tree.leaves(updates))
+  merges += [
+    functools.partial(plan.merge, old=o) if plan.merges_early else None
+    for plan, o in zip(leaf_plans, old, strict=True)
+  ]
+  return lazy_elementwise.update_reading_merged_state(inner, args, extra_args, merges)
+
+
 def lazy(
   inner: optax.GradientTransformation,
   *,
   include: paths.Patterns | None = None,
   freeze_state: bool = False,
+  dense_above: float | None = DENSE_ABOVE,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Updates only the rows of a table that the gradient touches (lazy Adam and friends).
 
@@ -183,7 +233,8 @@ def lazy(
   names its rows explicitly (duplicates summed, out-of-range indices are padding). Its rows
   of the params and of the inner state are gathered, the inner optimizer runs on them alone
   and the new state rows are scattered back; the update comes out as a ``RowSparse`` on the
-  unique rows, for :func:`optaxderived.sparse.apply_updates`. The step costs
+  unique rows, for :func:`optaxderived.sparse.apply_updates` (up to the switch point, see
+  below). The step costs
   :math:`O(n \log n)` in the ``n`` given rows, not :math:`O(\text{rows})`, and untouched rows
   keep their state whatever ``freeze_state`` says (a row given with an all-zero value counts
   as touched). It needs ``params`` and an elementwise inner optimizer (sgd, momentum,
@@ -197,12 +248,31 @@ def lazy(
   ``od.accumulate``) raise ``ValueError``: accumulate outside,
   ``od.accumulate(od.lazy(...), k)``.
 
+  **Switch point.** A ``RowSparse`` of ``n`` indices on a table of ``rows`` rows touches at
+  most :math:`s = \min(n, \text{rows}) / \text{rows}` of them, known when the step is traced
+  (``n`` is a shape). When :math:`s` exceeds ``dense_above``, gathering and scattering rows
+  costs more than streaming over the table, and :func:`lazy` densifies the leaf instead
+  (a scatter-add into zeros, duplicates summed) and takes the row-mask path with the rows of
+  the indices as the mask and the state of the other rows kept: the same params and state
+  as the row-sparse path, to float32 rounding (duplicates are summed in another order), with
+  the same requirements (``params``, an elementwise inner optimizer). Its update is then a
+  dense array, zero on the untouched rows, which :func:`optaxderived.sparse.apply_updates`
+  and ``optax.apply_updates`` add like any other. The default switch point is where the two
+  paths cross on a 1,000,000 × 64 float32 table on CPU (``benchmarks/bench_lazy.py``); pass
+  ``dense_above=None`` to keep every ``RowSparse`` leaf row-sparse (its update a
+  ``RowSparse``), ``0.0`` to densify every one.
+
   Args:
     inner: the optimizer to make lazy.
     include: the dense leaves to mask: a regex over leaf paths, a sequence of regexes or
       a predicate ``(path, leaf) -> bool`` (see :func:`optaxderived.path_mask`); ``None``
-      masks every leaf, an empty sequence none. ``RowSparse`` leaves are always row-sparse.
+      masks every leaf, an empty sequence none. ``RowSparse`` leaves are always masked by
+      their indices, whatever ``include`` says.
     freeze_state: also keep the inner state of untouched rows of dense leaves.
+    dense_above: the share of a table's rows in ``[0, 1]`` above which a ``RowSparse``
+      gradient is densified (see "Switch point"), a Python number (it chooses the path when
+      the step is traced); ``None`` (or ``1.0``: the share never exceeds 1) never
+      densifies, ``0.0`` densifies every ``RowSparse`` leaf with at least one index.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`LazyState`.
@@ -222,6 +292,7 @@ def lazy(
            [ 0.5 ,  0.5 ],
            [ 1.  ,  1.  ]], dtype=float32)
     >>> sparse = od.sparse.RowSparse(indices=jnp.array([0, 0, -1]), values=jnp.ones((3, 2)))
+    >>> tx = od.lazy(optax.sgd(0.5, momentum=0.5), dense_above=None)  # keep it a RowSparse
     >>> updates, state = tx.update({"embed": sparse}, state, params)
     >>> updates["embed"].indices  # row 0 twice is summed; -1 is padding (3: out of range)
     Array([0, 3, 3], dtype=int32)
@@ -244,6 +315,11 @@ def lazy(
   fn = "od.lazy"
   checks.check_transformation(fn, "inner", inner)
   checks.check_bool(fn, "freeze_state", freeze_state)
+  if dense_above is not None:
+    checks.check_range(fn, "dense_above", dense_above, low=0.0, high=1.0, schedule=False)
+    if isinstance(dense_above, jax.core.Tracer):  # it chooses the path when tracing
+      raise ValueError(f"{fn}: dense_above must be a concrete number, got {dense_above!r}")
+    dense_above = float(dense_above)
   included = None if include is None else paths.selector(include, argname=f"{fn}: include")
   inner = optax.with_extra_args_support(inner)
 
@@ -267,9 +343,9 @@ def lazy(
     return LazyState(touched_rows=jnp.zeros([], jnp.int32), inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
-    plans, treedef = _leaf_plans(fn, updates, params, included, freeze_state)
+    plans, treedef = _leaf_plans(fn, updates, params, included, freeze_state, dense_above)
     plan_tree = treedef.unflatten(plans)
-    rows = any(isinstance(plan, lazy_rows.RowsPlan) for plan in plans)
+    rows = any(plan.row_sparse for plan in plans)  # RowSparse leaves, densified or not
     inner_updates = treedef.unflatten([plan.update for plan in plans])
     inner_params = None if params is None else treedef.unflatten([plan.param for plan in plans])
     inner_state, state_plans = state.inner_state, None
@@ -279,14 +355,22 @@ def lazy(
     if rows:
       args = (inner_updates, inner_state, inner_params)
       inner_state = lazy_rows.gather_state(fn, inner, plan_tree, state_plans, args, extra_args)
-    new_updates, new_inner_state = inner.update(
-      inner_updates, inner_state, inner_params, **extra_args
-    )
+    early = state_plans is not None and any(plan.merges_early for plan in plans)
+    if early:  # densified RowSparse leaves: their merged state is read by the update
+      new_updates, new_inner_state = _update_merging_early(
+        inner, (inner_updates, inner_state, inner_params), extra_args, state_plans
+      )
+    else:
+      new_updates, new_inner_state = inner.update(
+        inner_updates, inner_state, inner_params, **extra_args
+      )
     out = jax.tree.map(lambda plan, u: plan.output(u), plan_tree, new_updates)
     counts = [c for c in (plan.touched() for plan in plans) if c is not None]
     touched = sum(counts, jnp.zeros([], jnp.int32))
     if state_plans is not None:
-      merge = lambda plan, new, old: plan.merge(new, old)
+      merge = lambda plan, new, old: (
+        new if early and plan.merges_early else plan.merge(new, old)
+      )
       new_inner_state = jax.tree.map(merge, state_plans, new_inner_state, state.inner_state)
     return out, LazyState(touched, new_inner_state)
 

@@ -13,6 +13,7 @@ gives a ``ValueError`` too, not an error from inside JAX.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -170,3 +171,56 @@ def _eqn_flow(eqn: Any, flags: list[bool]) -> tuple[list[bool], str | None]:
       return [], bad
     out_flags = [a or b for a, b in zip(out_flags, body_flags, strict=True)]
   return out_flags, None
+
+
+def update_reading_merged_state(
+  inner: Any, args: tuple, extra: dict, merges: list[Any]
+) -> tuple[Any, Any]:
+  """``inner.update(*args, **extra)`` where each output leaf ``i`` with ``merges[i]`` (in
+  the order of ``jax.tree.leaves((updates, state))``) is replaced by ``merges[i](value)``
+  as soon as it is computed, so that the rest of the update reads the replaced value.
+
+  ``od.lazy`` merges the new state of a densified table with the old one row by row
+  (``where(mask, new, old)``). An update that is elementwise on the table (which the caller
+  has checked) reads the new state at the same element only: at a touched row the merged
+  value is the new one, at an untouched row the update is masked to zero. So reading the
+  merged state changes nothing, and it gives XLA a hand-written step's order: the state
+  first, in place, then the update from it. Reading the old state instead, the update and
+  the in-place state writes are unordered, and XLA copies every merged state buffer first
+  (two table-sized temporaries for Adam, each a fresh allocation at every step on CPU).
+
+  An output that is an input passed through, or that is given for several leaves, is
+  merged at the end only. The jaxpr is run equation by equation as ``jax.core.eval_jaxpr``
+  does (each primitive bound again), so the values are those of ``inner.update``.
+  """
+  leaves, treedef = jax.tree.flatten(args)
+
+  def update(*flat):
+    return inner.update(*jax.tree.unflatten(treedef, flat), **extra)
+
+  closed, out_shape = jax.make_jaxpr(update, return_shape=True)(*leaves)
+  jaxpr = closed.jaxpr
+  if len(merges) != len(jaxpr.outvars):
+    raise AssertionError("internal error: the merges do not match the inner's outputs")
+  outs = [v for v in jaxpr.outvars if _is_var(v)]
+  early = {
+    v: merge
+    for v, merge in zip(jaxpr.outvars, merges, strict=True)
+    if merge is not None and _is_var(v) and outs.count(v) == 1 and v not in jaxpr.invars
+  }
+  env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+  env.update(zip(jaxpr.invars, leaves, strict=True))
+  read = lambda v: env[v] if _is_var(v) else v.val
+  for eqn in jaxpr.eqns:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+    with ctx if ctx is not None else contextlib.nullcontext():
+      ans = eqn.primitive.bind(*map(read, eqn.invars), **params)
+    for v, x in zip(eqn.outvars, ans if eqn.primitive.multiple_results else [ans], strict=True):
+      if _is_var(v):  # not a DropVar
+        env[v] = early[v](x) if v in early else x
+  values = [
+    merge(read(v)) if merge is not None and v not in early else read(v)
+    for v, merge in zip(jaxpr.outvars, merges, strict=True)
+  ]
+  return jax.tree.unflatten(jax.tree.structure(out_shape), values)

@@ -5,6 +5,11 @@ of the param and of every part of the inner state that mirrors it are gathered, 
 optimizer runs on those rows alone (after a check that it is elementwise on them) and the
 new state rows are scattered back; the update is a ``RowSparse`` on the unique rows. The
 step costs :math:`O(n \log n)` in the ``n`` given rows, not :math:`O(\text{rows})`.
+
+When the ``n`` rows are a large share of the table, streaming over the whole table is
+cheaper than gathering and scattering rows: :func:`densify` turns the leaf into a dense
+gradient and the mask of the rows it names, for ``od.lazy``'s row-masked path (same
+results: the same sums, and the state of the untouched rows kept).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from optaxderived._transforms import lazy_elementwise
 from optaxderived.sparse._row_sparse import RowSparse
 from optaxderived.sparse._row_sparse import canonical_indices
 from optaxderived.sparse._row_sparse import check_row_sparse
+from optaxderived.sparse._row_sparse import scatter_add
+from optaxderived.sparse._row_sparse import set_rows
+from optaxderived.sparse._row_sparse import take_rows
 
 
 def expand_mask(mask: jax.Array, x: jax.Array) -> jax.Array:
@@ -47,17 +55,41 @@ def dedupe(indices: jax.Array, values: jax.Array, num_rows: int) -> tuple[jax.Ar
   return unique, summed.astype(values.dtype)
 
 
+def dense_share(num_indices: int, num_rows: int) -> float:
+  """At most the share of a table's rows that ``num_indices`` indices touch (static: the
+  number of indices is a shape; duplicates and padding only show at run time)."""
+  return min(num_indices, num_rows) / num_rows if num_rows else 0.0
+
+
+def densify(g: RowSparse, param: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(dense, mask)``: the dense gradient of ``g`` (duplicates summed, padding dropped),
+  shaped and sharded like ``param``, and the bool ``[rows]`` mask of the rows it names (a
+  row given with zeros is named).
+
+  As in :func:`dedupe`, low-precision values are summed in float32 and the sum is cast
+  back; the scatter-add sums duplicates in another order than ``dedupe``'s segment sum, so
+  the two agree to rounding.
+  """
+  num_rows = param.shape[0]
+  indices = canonical_indices(jnp.asarray(g.indices), num_rows)
+  values = jnp.asarray(g.values)
+  acc_dtype = jnp.promote_types(values.dtype, jnp.float32)
+  dense = scatter_add(jnp.zeros_like(param, acc_dtype), indices, values)
+  mask = jnp.zeros((num_rows,), bool).at[indices].set(True, mode="drop")
+  return dense.astype(values.dtype), mask
+
+
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
   """Rows of ``table`` at sorted ``rows``; an out-of-range row (padding) reads the last row,
   whose result the scatter drops (clamping is cheaper than a filled gather)."""
   if table.shape[0] == 0:  # every index is padding
     return jnp.zeros((rows.shape[0], *table.shape[1:]), table.dtype)
   rows = jnp.minimum(rows, table.shape[0] - 1)
-  return table.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)
+  return take_rows(table, rows, mode="promise_in_bounds", indices_are_sorted=True)
 
 
 def scatter_rows(table: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
-  return table.at[rows].set(values.astype(table.dtype), mode="drop", indices_are_sorted=True)
+  return set_rows(table, rows, values, mode="drop", indices_are_sorted=True)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,6 +107,8 @@ class RowsPlan:
   rows: jax.Array
 
   merges_state = True  # its state rows are gathered and scattered back
+  row_sparse = True  # from a RowSparse gradient: the inner must be elementwise on it
+  merges_early = False  # its state is scattered back after the update (not read merged)
 
   @classmethod
   def make(cls, fn: str, g: RowSparse, param: Any, path: str) -> RowsPlan:
@@ -106,10 +140,12 @@ def gather_state(
   its param (``state_plans``: the plan of each state leaf).
 
   Raises:
-    ValueError: naming ``fn`` unless ``inner.update`` is elementwise on those rows.
+    ValueError: naming ``fn`` unless ``inner.update`` is elementwise on the leaves of every
+      plan from a ``RowSparse`` gradient (``plan.row_sparse``: gathered rows, or a densified
+      gradient, so that both paths accept the same inner optimizers).
   """
   updates, inner_state, params = args
-  is_rows = lambda plan: isinstance(plan, RowsPlan)
+  is_rows = lambda plan: plan.row_sparse
   gathered = jax.tree.map(lambda plan, s: plan.gather(s), state_plans, inner_state)
   row_updates = jax.tree.map(is_rows, plans)
   row_state = jax.tree.map(  # the flags mirror the state's leaves (none in a MaskedNode)

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from optaxderived._core import checks
+from optaxderived._core import numerics
 from optaxderived._core import paths
 
 
@@ -85,9 +86,36 @@ def canonical_indices(indices: jax.Array, num_rows: int) -> jax.Array:
   return jnp.where(valid, indices, num_rows).astype(indices.dtype)
 
 
+def take_rows(table: jax.Array, indices: jax.Array, **kwargs: Any) -> jax.Array:
+  """``table.at[indices].get(**kwargs)`` for a vector of ``indices``, sharded as the indices
+  are (most often replicated) and whole along the rows' own axes."""
+  spec = (*jax.typeof(indices).sharding.spec, *(None,) * (table.ndim - 1))
+  return _auto(lambda t, i: t.at[i].get(**kwargs), spec, table, indices)
+
+
+def set_rows(table: jax.Array, rows: jax.Array, values: jax.Array, **kwargs: Any) -> jax.Array:
+  """``table.at[rows].set(values, **kwargs)``, in the table's dtype and sharding."""
+  set_ = lambda t, i, v: t.at[i].set(v, **kwargs)  # noqa: E731
+  return _auto(set_, jax.typeof(table).sharding.spec, table, rows, values.astype(table.dtype))
+
+
 def scatter_add(table: jax.Array, indices: jax.Array, values: jax.Array) -> jax.Array:
+  """``values`` added to the rows ``indices`` of ``table`` (duplicates summed, padding
+  dropped), in the table's dtype and sharding."""
   indices = canonical_indices(indices, table.shape[0])
-  return table.at[indices].add(jnp.asarray(values).astype(table.dtype), mode="drop")
+  values = jnp.asarray(values).astype(table.dtype)
+  add = lambda t, i, v: t.at[i].add(v, mode="drop")  # noqa: E731
+  return _auto(add, jax.typeof(table).sharding.spec, table, indices, values)
+
+
+def _auto(op: Callable[..., jax.Array], out_spec: Any, table: jax.Array, *rest: Any) -> jax.Array:
+  """``op(table, *rest)``, a gather or a scatter of rows. On a table sharded over an explicit
+  mesh axis, JAX cannot type the result of a gather or a scatter, and its ``out_sharding=``
+  replicates the table first; so the op runs in auto mode (``jax.sharding.auto_axes``),
+  where XLA gathers from and scatters into the table's own shards, as on an auto mesh."""
+  if not numerics.explicitly_sharded(table):
+    return op(table, *rest)
+  return jax.sharding.auto_axes(op, out_sharding=jax.P(*out_spec))(table, *rest)
 
 
 def check_row_sparse(fn: str, g: RowSparse, param: Any, path: str | None = None) -> None:
@@ -239,7 +267,8 @@ def row_sparse_grad(
     if tbl.ndim < 1:
       raise ValueError(f"{fn}: the table {leaf_paths[k]} must have ndim >= 1")
     flat_ids = canonical_indices(ids.reshape(-1), tbl.shape[0])
-    rows = tbl.at[flat_ids].get(mode="fill", fill_value=0).reshape(*ids.shape, *tbl.shape[1:])
+    rows = take_rows(tbl, flat_ids, mode="fill", fill_value=0)
+    rows = rows.reshape(*ids.shape, *tbl.shape[1:])
     rest = leaves[:k] + leaves[k + 1 :]
 
     def loss(rest, rows):
