@@ -40,7 +40,7 @@ def _explicit_chain():
       5,
       0.5,
     ),
-    od.param_ema(0.999),
+    od.param_ema(od.ema_warmup(0.999)),
   )
 
 
@@ -53,7 +53,7 @@ def _hand_written() -> Subject:
   """RECIPE as one jitted function, no optax or od pieces, one pass over each leaf after the
   global norm: hard global clipping, Adam (bias-corrected, eps=1e-6 as derive's default
   base ``optax.scale_by_adam(eps=1e-6)``), weight decay, the per-leaf trust ratio (RECIPE
-  excludes no leaf), the piecewise-linear rate, lookahead and the debiased param EMA.
+  excludes no leaf), the piecewise-linear rate, lookahead and the warmed-up param EMA.
 
   The global norm is a plain float32 sum of squares (no overflow-safe recomputation: finite
   gradients beyond ~1e19 are where the two differ). A fresh subject each call.
@@ -70,7 +70,7 @@ def _hand_written() -> Subject:
       mu=zeros(),
       nu=zeros(),
       slow=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
-      ema=zeros(),  # debiased: zero-initialised, read as ema / (1 - decay**count)
+      ema=zeros(),  # warmed up: the first update copies the params (decay 0)
     )
     return params, state
 
@@ -85,6 +85,9 @@ def _hand_written() -> Subject:
     correction1, correction2 = 1 - b1**count, 1 - b2**count
     rate = jnp.asarray(-lr * multiplier(state["count"]), jnp.float32)
     sync = count % sync_period == 0
+    # timm's EMA warmup at the number of updates averaged before this one
+    n = state["count"].astype(jnp.float32)
+    ema_decay = jnp.where(n <= 0, 0.0, jnp.minimum(-jnp.expm1(-2 / 3 * jnp.log1p(n)), decay))
     new = {name: {} for name in ("params", "mu", "nu", "slow", "ema")}
     for key, p in params.items():
       g = grads[key] * clip
@@ -97,7 +100,7 @@ def _hand_written() -> Subject:
       slow = jnp.where(sync, slow + alpha * (fast - slow), slow)
       p = jnp.where(sync, slow, fast)
       new["params"][key], new["mu"][key], new["nu"][key], new["slow"][key] = p, mu, nu, slow
-      new["ema"][key] = decay * state["ema"][key] + (1 - decay) * p
+      new["ema"][key] = ema_decay * state["ema"][key] + (1 - ema_decay) * p
     return new.pop("params"), dict(count=count, **new)
 
   return Subject("hand-written recipe", init, step)

@@ -107,7 +107,7 @@ def test_derive_equals_the_explicit_chain_its_docstring_shows():
         2,
         0.5,
       ),
-      od.param_ema(0.9),
+      od.param_ema(od.ema_warmup(0.9)),
     ),
     3,
   )
@@ -405,12 +405,31 @@ def test_ema_may_be_a_schedule_or_an_averaging_transformation(ema, read, count):
   assert int(s1.inner_state[1].count) == count  # of 6 real updates
 
 
-def test_a_float_ema_is_param_ema_of_it():
+def test_an_injected_ema_decay_equals_the_constant_one():
+  params, steps = _params(), 5
+  grads = _grads(params, steps)
+  injected = optax.inject_hyperparams(od.derive)(learning_rate=1e-2, ema=0.9)
+  p1, s1 = _run(injected, params, grads, steps)
+  p2, s2 = _run(od.derive(1e-2, ema=0.9), params, grads, steps)
+  assert_trees_close(p1, p2, rtol=0, atol=0)
+  assert_trees_close(od.ema_params(s1, p1), od.ema_params(s2, p2), rtol=1e-7)
+
+
+def test_a_float_ema_is_the_decay_an_ema_warmup_tends_to():
   params, steps = _params(), 6
   grads = _grads(params, steps)
   p1, s1 = _run(od.derive(1e-2, ema=0.9), params, grads, steps)
-  p2, s2 = _run(optax.chain(od.derive(1e-2), od.param_ema(0.9)), params, grads, steps)
+  warmed = od.param_ema(od.ema_warmup(0.9))
+  p2, s2 = _run(optax.chain(od.derive(1e-2), warmed), params, grads, steps)
   assert_trees_close(p1, p2, rtol=0, atol=0)
   assert_trees_close(s1, s2, rtol=0, atol=0)
+  # timm's warmup, written out: decay_n = min(0.9, 1 - (1 + n)^(-2/3)), so the first update
+  # copies the params and the average then forgets fast; debiasing changes nothing (Π d = 0).
+  ema = np.zeros_like(np.asarray(params["head"]["kernel"], np.float64))
+  for n in range(steps):
+    p_n = _run(od.derive(1e-2), params, grads, n + 1)[0]
+    decay = min(0.9, 1 - (1 + n) ** (-2 / 3))
+    ema = decay * ema + (1 - decay) * np.asarray(p_n["head"]["kernel"], np.float64)
+  np.testing.assert_allclose(od.ema_params(s1, p1)["head"]["kernel"], ema, rtol=1e-5)
   with pytest.raises(ValueError, match=r"^od\.derive: ema must be a real number or a schedule"):
     od.derive(1e-2, ema="0.9")

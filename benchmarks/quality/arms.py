@@ -135,7 +135,7 @@ ARMS: tuple[Arm, ...] = (
   Arm(
     "recipe, EMA 0.999",
     "recipe",
-    lambda lr, n: _recipe(lr, n, ema=0.999, accumulate=False),
+    lambda lr, n: _recipe(lr, n, ema=od.param_ema(0.999), accumulate=False),
     rates=LAYER_ADAPTATION_RATES,
     eval_params=_ema,
   ),

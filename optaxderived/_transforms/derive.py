@@ -18,6 +18,7 @@ from optaxderived._core import paths
 from optaxderived._core.state import find_states
 from optaxderived._transforms.accumulate import accumulate
 from optaxderived._transforms.clip_norm import clip_norm
+from optaxderived._transforms.ema_schedules import ema_warmup
 from optaxderived._transforms.layer_adaptation import layer_adaptation as layer_adaptation_
 from optaxderived._transforms.lazy import lazy as lazy_
 from optaxderived._transforms.learning_rate import scale_by_learning_rate
@@ -158,8 +159,9 @@ def derive(
           ),
           sync_period, slow_step_size,
         ),
-        od.param_ema(ema),                          # ema: a decay or a schedule of it
-                                                    #      (or ema itself, a transformation)
+        od.param_ema(od.ema_warmup(ema)),           # ema: the decay it warms up to,
+                                                    #      od.param_ema(ema) for a schedule,
+                                                    #      ema itself for a transformation
       ),
       grad_accum_steps,
     )
@@ -202,10 +204,12 @@ def derive(
       the real-update count.
     lookahead: ``(sync_period, slow_step_size)`` of :func:`lookahead`.
     lazy: patterns of the embedding leaves updated lazily (:func:`lazy` around ``base``).
-    ema: the decay of a parameter EMA (:func:`param_ema`) kept last, or a schedule of it
-      (:func:`ema_warmup`, :func:`power_ema_decay`), read with :func:`ema_params`; or an
-      averaging transformation kept last as it is (``od.param_ema(od.ema_warmup(),
-      debias=False)``, ``od.swa(start_step=1000)``, read with :func:`swa_params`).
+    ema: a parameter EMA (:func:`param_ema`) kept last, read with :func:`ema_params`: a
+      number is the decay it warms up to (``od.ema_warmup(ema)``: the average forgets the
+      first, poor params, so short runs are not hurt), a schedule is the decay itself
+      (:func:`power_ema_decay`; ``od.param_ema(0.999)`` for a fixed decay); or an averaging
+      transformation kept last as it is (``od.swa(start_step=1000)``, read with
+      :func:`swa_params`).
     bias_correction: whether the default Adam base bias-corrects its moments (the author's
       BERT recipe turns it off); only with the default ``base``.
     skip_spikes: ``True`` or a dict of :func:`skip_spikes`'s keyword arguments: skip a
@@ -308,7 +312,10 @@ def derive(
     with _argument("lookahead"):
       tx = lookahead_(tx, *lookahead)
   if ema is not None:
-    averaging = ema if isinstance(ema, optax.GradientTransformation) else param_ema(ema)
+    if isinstance(ema, optax.GradientTransformation):
+      averaging = ema
+    else:
+      averaging = param_ema(ema if callable(ema) else ema_warmup(ema))
     tx = optax.chain(tx, averaging)
   if not isinstance(grad_accum_steps, int) or grad_accum_steps > 1:  # (as weight_decay above)
     tx = accumulate(tx, grad_accum_steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -60,7 +61,9 @@ def ema_warmup(
     checks.check_range(
       fn, name, value, low=0.0, high=math.inf, low_open=True, high_open=True, schedule=False
     )
-  checks.check_range(fn, "min_decay", min_decay, low=0.0, high=float(max_decay), schedule=False)
+  # (a max_decay traced by optax.inject_hyperparams bounds min_decay only at run time)
+  high = 1.0 if isinstance(max_decay, jax.core.Tracer) else float(max_decay)
+  checks.check_range(fn, "min_decay", min_decay, low=0.0, high=high, schedule=False)
 
   def schedule(count):
     n = _float(count)
