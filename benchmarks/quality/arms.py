@@ -19,7 +19,7 @@ MICRO = 4  # micro-batches per batch in the accumulating arms
 VECTORS = lambda path, p: p.ndim < 2  # noqa: E731
 
 ADAM_RATES = (1e-3, 3e-3, 1e-2)
-LAYER_ADAPTATION_RATES = (3e-3, 1e-2, 3e-2)
+LAYER_ADAPTATION_RATES = (3e-3, 1e-2, 3e-2, 1e-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,7 +102,7 @@ def unit_norms(leaves: list[jax.Array], scope: str) -> tuple[list[jax.Array], ja
     # Without the barrier XLA turns sum(row sums) into a second reduction of x² and then
     # materialises x² for both (a leaf-sized temporary per leaf).
     sums = jax.lax.optimization_barrier(sums)
-  total = sum(jnp.sum(s) for s in sums)
+  total = sum(s if s.ndim == 0 else jnp.sum(s) for s in sums)  # (no reduce of a scalar)
 
   def plain():
     if scope == "global":
