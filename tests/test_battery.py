@@ -746,7 +746,11 @@ BAD_HYPERPARAMETERS = [
   (od.lazy, dict(inner=optax.sgd(1.0), include="("), "include"),
   (od.lazy, dict(inner=optax.sgd(1.0), dense_above=1.5), "dense_above"),
   (od.lazy, dict(inner=optax.sgd(1.0), dense_above=-0.1), "dense_above"),
-  (od.lazy, dict(inner=optax.sgd(1.0), dense_above=optax.constant_schedule(0.1)), "dense_above"),
+  (
+    od.lazy,
+    dict(inner=optax.sgd(1.0), dense_above=optax.constant_schedule(0.1)),
+    "dense_above",
+  ),
   (od.clip_norm, dict(max_norm=0.0), "max_norm"),
   (od.clip_norm, dict(max_norm=-1.0), "max_norm"),
   (od.clip_norm, dict(max_norm=math.nan), "max_norm"),

@@ -108,7 +108,9 @@ def scatter_add(table: jax.Array, indices: jax.Array, values: jax.Array) -> jax.
   return _auto(add, jax.typeof(table).sharding.spec, table, indices, values)
 
 
-def _auto(op: Callable[..., jax.Array], out_spec: Any, table: jax.Array, *rest: Any) -> jax.Array:
+def _auto(
+  op: Callable[..., jax.Array], out_spec: Any, table: jax.Array, *rest: Any
+) -> jax.Array:
   """``op(table, *rest)``, a gather or a scatter of rows. On a table sharded over an explicit
   mesh axis, JAX cannot type the result of a gather or a scatter, and its ``out_sharding=``
   replicates the table first; so the op runs in auto mode (``jax.sharding.auto_axes``),
