@@ -43,9 +43,8 @@ def adaptive_grad_clip(
   float32 or wider (bf16 updates and params are widened first, so the norms are float32,
   and the updates keep their dtype); for float32 leaves it is bit-identical to it (to a few
   ulps under ``jit``, where XLA may fuse it differently). Unlike optax's, it keeps working on
-  leaves sharded over an explicit mesh. A NaN or
-  an Inf entry makes its unit non-finite (NaN), which ``optax.apply_if_finite`` catches. Place
-  it first in a chain, on the raw gradients.
+  leaves sharded over an explicit mesh. A NaN or an Inf entry makes its unit non-finite (NaN),
+  which ``optax.apply_if_finite`` catches. Place it first in a chain, on the raw gradients.
 
   Args:
     clipping: :math:`\lambda > 0`, the largest ratio of a unit's update norm to its param
